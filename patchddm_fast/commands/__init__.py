@@ -1,0 +1,1 @@
+"""One module per ``patchddm`` subcommand (``add_parser`` + ``run``)."""

@@ -1,0 +1,70 @@
+"""``patchddm demo``: the whole method end to end on built-in phantoms, on a CPU, in minutes.
+
+Trains a small PatchDDM (the paper's architecture, narrower and with fewer levels) on
+coordinate-encoded patches of synthetic BraTS-like volumes, then samples whole held-out
+volumes with a DDIM ensemble and writes metrics.json, NIfTI files and PNG montages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from patchddm_fast.commands.sample import add_sampling_flags
+
+DEMO_CONFIG = dict(
+    method="patchddm",
+    model=dict(base_width=16, channel_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=8),
+    phantom_size=64,
+    phantom_train=24,
+    phantom_val=4,
+    patch_size=32,
+    steps=1500,
+    lr=1e-3,
+    ckpt_every=250,
+    log_every=25,
+    val_every=0,
+    val_steps=10,
+    seed=0,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "demo", help="train and sample a small PatchDDM on built-in phantoms (no data needed, CPU)",
+        description="Train a small PatchDDM on synthetic BraTS-like phantoms, then segment held-out whole "
+        "volumes with a DDIM ensemble. Writes DIR/metrics.json, NIfTI files (image, ground truth, ensemble "
+        "mean and variance, mask) and PNG montages. Re-running with the same --out resumes training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--steps", type=int, default=DEMO_CONFIG["steps"], help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, weights and sampling")
+    p.add_argument("--cases", type=int, default=DEMO_CONFIG["phantom_val"], help="held-out cases to sample")
+    add_sampling_flags(p)
+    p.set_defaults(ensemble=5, sampling_steps=10)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.showcase import evaluate_cases, format_table
+    from patchddm_fast.trainer import Trainer
+
+    out = Path(args.out)
+    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases,
+                  out_dir=str(out / "run"), progress=not args.quiet, device="cpu")
+    t0 = time.perf_counter()
+    trainer = Trainer(config)
+    trainer.fit()
+    train_s = time.perf_counter() - t0
+    _, val_cases = trainer._load_cases()
+    metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
+                             ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
+                             progress=not args.quiet)
+    metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table(metrics))
+    print(f"trained {trainer.step} steps in {train_s:.0f} s; total {metrics['timing_s']['total']:.0f} s; "
+          f"results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")
+    return 0

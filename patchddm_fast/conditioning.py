@@ -1,0 +1,60 @@
+"""What the network is conditioned on, per method -- one place for the channel layout.
+
+PAPER.md: MR channels are scaled to [0, 1] and mapped x -> 2x - 1; PatchDDM appends three
+coordinate channels (ramps over the whole padded volume, cropped with the patch); the
+noisy mask is always the last channel.  HalfRes decimates image and label by 2; FullRes
+uses the whole volume.  Training (patches) and sampling (whole volumes) both build their
+inputs here, so they cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from patchddm_fast.data.patches import coordinate_channels, decimate
+
+METHODS = ("patchddm", "halfres", "fullres")
+IMAGE_CHANNELS = 4
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def in_channels(method: str, image_channels: int = IMAGE_CHANNELS) -> int:
+    """Network input channels: image (+ 3 coordinates for PatchDDM) + the noisy mask."""
+    return image_channels + (3 if check_method(method) == "patchddm" else 0) + 1
+
+
+def scale_image(image01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] intensities -> [-1, 1], as the reference code expects."""
+    return image01 * 2 - 1
+
+
+def condition(image01: torch.Tensor, method: str) -> torch.Tensor:
+    """The conditioning channels for a whole (padded) volume (C, D, H, W) -> (C', D', H', W').
+
+    For HalfRes the volume is decimated; for PatchDDM the coordinate channels of the whole
+    volume are appended (crop the result to get a training patch).
+    """
+    check_method(method)
+    img = scale_image(image01.float())
+    if method == "halfres":
+        return decimate(img)
+    if method == "patchddm":
+        return torch.cat([img, coordinate_channels(tuple(img.shape[-3:]), dtype=img.dtype).to(img.device)], dim=0)
+    return img
+
+
+def target_mask(label: torch.Tensor, method: str) -> torch.Tensor:
+    """The diffusion target x0 for a label volume (D, H, W) -> (1, D', H', W'), values {0, 1}."""
+    m = label.float()[None]
+    return decimate(m) if check_method(method) == "halfres" else m
+
+
+def network_input(cond: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Concatenate conditioning (N, C, ...) and the noisy mask (N, 1, ...): mask last."""
+    return torch.cat([cond.to(x_t.dtype), x_t], dim=1)

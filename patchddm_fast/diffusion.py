@@ -1,0 +1,141 @@
+"""Gaussian diffusion for mask generation: schedule, forward noising, loss, DDIM.
+
+One implementation of each formula (PAPER.md, "Reference training and sampling"):
+linear beta schedule over T steps, ``q_sample``, epsilon-prediction MSE on the mask
+channel only, and DDIM with eta = 0 by default (clamp x0, re-derive eps, last step to
+alpha_bar_0).  Schedules are held in float64 and gathered per step, so sampling in any
+precision uses the exact coefficients.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# model_fn(x_t, t) -> predicted noise; x_t (N, 1, D, H, W), t (N,) long.
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Diffusion:
+    """Linear-beta DDPM schedule with DDIM sampling.
+
+    Args:
+        timesteps: T (1000 in the paper).
+        beta_start, beta_end: the linear schedule's end points (1e-4, 0.02).
+        clip_x0: clamp the predicted x0 to [-1, 1] during sampling (the paper does).
+    """
+
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, clip_x0: bool = True):
+        if timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        self.timesteps = timesteps
+        self.beta_start, self.beta_end = beta_start, beta_end
+        self.clip_x0 = clip_x0
+        self.betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    def config(self) -> dict:
+        return dict(timesteps=self.timesteps, beta_start=self.beta_start, beta_end=self.beta_end, clip_x0=self.clip_x0)
+
+    # ------------------------------------------------------------------ helpers
+    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar[t] broadcast to ``like``'s shape (batch first), in like's dtype."""
+        a = self.alphas_cumprod.to(t.device)[t.long()]
+        return a.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def sample_t(self, batch: int, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+        return torch.randint(0, self.timesteps, (batch,), generator=generator, device=device)
+
+    # ------------------------------------------------------------------ training
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+        a = self.alpha_bar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def training_loss(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        build_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Plain MSE between the true and predicted noise of the mask channel (in fp32)."""
+        x_t = self.q_sample(mask, t, noise)
+        eps = model(build_input(image, x_t), t)
+        return F.mse_loss(eps.float(), noise.float())
+
+    # ------------------------------------------------------------------ sampling
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """round(linspace(T-1, 0, steps)) as Python ints (PAPER.md)."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"steps must be in [1, {self.timesteps}], got {steps}")
+        return [int(v) for v in np.round(np.linspace(self.timesteps - 1, 0, steps))]
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar(t, x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar(t, x_t)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def ddim_step(
+        self,
+        x_t: torch.Tensor,
+        t: int,
+        t_prev: int,
+        eps: torch.Tensor,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM update from step t to t_prev; returns (x_prev, x0_pred).
+
+        x0 is predicted, clamped to [-1, 1], and eps re-derived from the clamped x0 so the
+        update stays on the deterministic trajectory (eta = 0) or adds sigma_t noise (eta > 0).
+        """
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        x0 = self.predict_x0(x_t, tt, eps)
+        if self.clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.eps_from_x0(x_t, tt, x0)
+        a_t = self.alphas_cumprod[t].item()
+        a_prev = self.alphas_cumprod[t_prev].item()
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(max(0.0, 1 - a_t / a_prev))
+        x_prev = np.sqrt(a_prev) * x0 + np.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return x_prev, x0
+
+    def ddim_loop(
+        self,
+        model_fn: EpsModel,
+        shape: Tuple[int, ...],
+        steps: int,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        device="cpu",
+        dtype=torch.float32,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yields (t, x_prev, x0_pred) after each of the ``steps`` network evaluations.
+
+        Starts from N(0, I) (or ``noise``); step i goes from t_i to t_{i+1}; the last step
+        (at t = 0) uses alpha_bar_prev = alpha_bar_0.
+        """
+        ts = self.ddim_timesteps(steps)
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+            eps = model_fn(x, torch.full((shape[0],), t, dtype=torch.long, device=x.device))
+            x, x0 = self.ddim_step(x, t, t_prev, eps.to(x.dtype), eta=eta, generator=generator)
+            yield t, x, x0
+
+    def ddim_sample(self, model_fn: EpsModel, shape, steps: int, **kwargs) -> torch.Tensor:
+        x = None
+        for _, x, _ in self.ddim_loop(model_fn, shape, steps, **kwargs):
+            pass
+        return x
