@@ -1,0 +1,272 @@
+"""Deterministic BraTS-like synthetic cases, for tests, demos and smoke training.
+
+Real brain data cannot be downloaded here, so the pipeline is exercised on phantoms that
+share what matters with BraTS: 4 co-registered channels (t1, t1ce, t2, flair) in [0, 1]
+with exact zeros outside the head, a nested multi-class tumour (necrotic core 1, edema 2,
+enhancing rim 4, BraTS label values) and realistic nuisances (tissue texture, bias field,
+partial-volume blur, Rician noise).
+
+The phantom is built to punish shortcuts a diffusion segmenter could take:
+
+* every tumour compartment has a different contrast per channel (edema bright on
+  flair/t2 and dark on t1; enhancing rim bright only on t1ce; necrosis dark on t1/t1ce),
+  so dropping a channel loses information;
+* a **decoy** -- a symmetric pair of periventricular "caps" at the front tips of the
+  ventricles -- has the tumour edema's flair/t2 brightness but is NOT tumour.  It differs
+  from edema only by its fixed anatomical position and by being iso-intense on t1/t1ce
+  (edema is t1-dark, but that contrast is small against the noise).  A model that ignores
+  position (e.g. patch training without coordinate channels) or t1 is expected to mark it.
+
+All geometry is defined in normalised coordinates ((-1, 1) along every axis), so one seed
+gives the same anatomy at any size, including non-cubic ones (the head is stretched with
+the array).  Axis 0 is the left-right axis: the ventricles and decoys are mirror pairs
+across its mid-plane.  Every random draw comes from ``np.random.default_rng(seed)``;
+scalar parameters and coarse noise grids are drawn before any per-voxel noise, so only
+the voxel noise depends on the size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CHANNELS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
+
+CHANNELS = ("t1", "t1ce", "t2", "flair")
+
+# Mean intensity per tissue and channel (t1, t1ce, t2, flair), before per-case jitter,
+# bias field and noise.  Loosely follows the relative contrasts of BraTS scans.
+_TISSUE = {
+    "scalp": (0.85, 0.55, 0.55, 0.60),
+    "bone": (0.08, 0.08, 0.06, 0.06),
+    "csf": (0.12, 0.14, 0.95, 0.08),
+    "gm": (0.50, 0.46, 0.62, 0.58),
+    "wm": (0.72, 0.62, 0.42, 0.45),
+    "edema": (0.45, 0.44, 0.85, 0.88),
+    "enhancing": (0.45, 1.00, 0.75, 0.70),
+    "necrosis": (0.20, 0.22, 0.92, 0.45),
+}
+
+# Ellipsoidal radius (in head units, the head surface is 1) of each layer boundary.
+_SCALP_INNER, _BONE_INNER, _BRAIN_OUTER = 0.93, 0.86, 0.82
+
+
+@dataclass
+class PhantomCase:
+    """One synthetic case.
+
+    Attributes:
+        image: float32 (4, D, H, W) in [0, 1], channels ``CHANNELS``; exactly 0 outside the head.
+        label: bool (D, H, W) whole tumour (labels > 0).
+        labels: uint8 (D, H, W) BraTS classes: 0 background, 1 necrotic core, 2 edema, 4 enhancing.
+        brain_mask: bool (D, H, W) brain parenchyma (the tumour lies inside it).
+        head_mask: bool (D, H, W) everything inside the scalp (where the image may be non-zero).
+        decoy_mask: bool (D, H, W) tumour-mimicking non-tumour voxels (never overlaps ``label``;
+            may be empty in volumes below ~16 voxels per axis, where the decoys are sub-voxel).
+        case_id, seed: identification; ``make_phantom(shape, seed)`` rebuilds the case.
+        spacing: voxel size in mm (isotropic 1 mm, like BraTS).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    labels: np.ndarray
+    brain_mask: np.ndarray
+    head_mask: np.ndarray
+    decoy_mask: np.ndarray
+    case_id: str
+    seed: int
+    spacing: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.label.shape)
+
+    @property
+    def whole_tumour(self) -> np.ndarray:
+        """BraTS WT region: labels 1, 2, 4."""
+        return self.labels > 0
+
+    @property
+    def tumour_core(self) -> np.ndarray:
+        """BraTS TC region: labels 1 and 4."""
+        return (self.labels == 1) | (self.labels == 4)
+
+    @property
+    def enhancing_tumour(self) -> np.ndarray:
+        """BraTS ET region: label 4."""
+        return self.labels == 4
+
+
+def _check_size(size) -> tuple[int, int, int]:
+    if isinstance(size, (int, np.integer)):
+        size = (int(size),) * 3
+    try:
+        shape = tuple(int(s) for s in size)
+    except TypeError:
+        raise ValueError(f"size must be an int or a tuple of 3 ints, got {size!r}") from None
+    if len(shape) != 3 or any(s < 4 for s in shape) or any(s != t for s, t in zip(shape, size)):
+        raise ValueError(f"size must be an int or 3 ints, each >= 4, got {size!r}")
+    return shape
+
+
+def _axes(shape: tuple[int, int, int]) -> list[np.ndarray]:
+    """Normalised voxel-centre coordinates in (-1, 1), shaped to broadcast along each axis."""
+    out = []
+    for axis, n in enumerate(shape):
+        u = ((np.arange(n, dtype=np.float32) + 0.5) / n) * 2 - 1
+        view = [1, 1, 1]
+        view[axis] = n
+        out.append(u.reshape(view))
+    return out
+
+
+def _upsample(coarse: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Separable linear interpolation of a coarse grid spanning the volume to ``shape``."""
+    out = coarse.astype(np.float32)
+    for axis, n in enumerate(shape):
+        c = out.shape[axis]
+        pos = ((np.arange(n, dtype=np.float32) + 0.5) / n) * (c - 1)
+        i0 = np.minimum(pos.astype(np.int64), c - 2)
+        w = (pos - i0).astype(np.float32)
+        view = [1, 1, 1]
+        view[axis] = n
+        w = w.reshape(view)
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i0 + 1, axis=axis) * w
+    return out
+
+
+def _ellipsoid_radius(h: list[np.ndarray], centre, radii) -> np.ndarray:
+    """sqrt(sum(((h_k - c_k) / r_k)^2)): 1 on the ellipsoid surface."""
+    return np.sqrt(sum(((hk - ck) / rk) ** 2 for hk, ck, rk in zip(h, centre, radii)))
+
+
+def _blur121(x: np.ndarray) -> np.ndarray:
+    """Partial-volume blur: [1, 2, 1] / 4 along each of the last 3 axes (edges replicated)."""
+    for axis in range(x.ndim - 3, x.ndim):
+        src = np.moveaxis(x, axis, 0)
+        out = 0.5 * src
+        out[1:] += 0.25 * src[:-1]
+        out[:-1] += 0.25 * src[1:]
+        out[0] += 0.25 * src[0]
+        out[-1] += 0.25 * src[-1]
+        x = np.moveaxis(out, 0, axis)
+    return x
+
+
+def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | None = None) -> PhantomCase:
+    """Build one BraTS-like case of ``size`` (an int for a cube, or (D, H, W)) from ``seed``."""
+    shape = _check_size(size)
+    rng = np.random.default_rng(seed)
+
+    # ---- scalar parameters and coarse grids (independent of the size) ----
+    head_c = rng.uniform(-0.03, 0.03, 3)
+    head_r = np.array([0.80, 0.88, 0.86]) * rng.uniform(0.94, 1.04, 3)
+    jitter = {k: np.asarray(v) * rng.uniform(0.92, 1.08, 4) for k, v in _TISSUE.items()}
+    vent_y, vent_z = rng.uniform(-0.05, 0.05), rng.uniform(0.0, 0.1)
+    vent_r = np.array([0.07, 0.26, 0.12]) * rng.uniform(0.8, 1.2, 3)
+    vent_dx = rng.uniform(0.10, 0.14)
+    decoy_r = 0.09 * rng.uniform(0.8, 1.2)
+    decoy_c = np.array([vent_dx + 0.02, vent_y - vent_r[1] - 0.02, vent_z])
+    tumour_c = None
+    for _ in range(100):  # tumour centre in the brain, away from both decoys
+        cand = rng.uniform(-0.55, 0.55, 3)
+        far = all(np.linalg.norm(cand - decoy_c * [s, 1, 1]) > decoy_r + 0.22 for s in (-1, 1))
+        if np.linalg.norm(cand) < 0.55 and far:
+            tumour_c = cand
+            break
+    if tumour_c is None:
+        tumour_c = np.array([0.0, 0.35, -0.2])
+    wt_r = rng.uniform(0.17, 0.36) * rng.uniform(0.75, 1.3, 3)
+    core_frac = rng.uniform(0.45, 0.7)
+    nec_frac = rng.uniform(0.35, 0.7)
+    noise_sigma = rng.uniform(0.015, 0.04)
+    grids = {
+        "head": rng.standard_normal((5, 5, 5)),
+        "gyri": rng.standard_normal((14, 14, 14)),
+        "texture": rng.standard_normal((8, 8, 8)),
+        "tumour": rng.standard_normal((12, 12, 12)),
+        "hetero": rng.standard_normal((10, 10, 10)),
+        "bias": rng.standard_normal((4, 4, 4, 4)),
+    }
+
+    # ---- geometry ----
+    u = _axes(shape)
+    h = [(uk - ck) / rk for uk, ck, rk in zip(u, head_c, head_r)]  # head units
+    rho = np.sqrt(h[0] ** 2 + h[1] ** 2 + h[2] ** 2) + 0.02 * _upsample(grids["head"], shape)
+    head = rho <= 1.0
+    brain = rho <= _BRAIN_OUTER
+    gm = brain & (rho / _BRAIN_OUTER + 0.07 * _upsample(grids["gyri"], shape) > 0.87)
+    ventricles = np.zeros(shape, dtype=bool)
+    decoy = np.zeros(shape, dtype=bool)
+    for side in (-1.0, 1.0):
+        ventricles |= _ellipsoid_radius(h, (side * vent_dx, vent_y, vent_z), vent_r) <= 1.0
+        decoy |= _ellipsoid_radius(h, decoy_c * [side, 1, 1], (decoy_r,) * 3) <= 1.0
+    decoy &= brain & ~ventricles
+
+    rho_t = _ellipsoid_radius(h, tumour_c, wt_r) + 0.3 * _upsample(grids["tumour"], shape)
+    wt = brain & (rho_t <= 1.0)
+    if not wt.any():  # tiny volumes: keep at least the brain voxel nearest the tumour centre
+        d = _ellipsoid_radius(h, tumour_c, wt_r)
+        d = np.where(brain, d, np.inf)
+        wt.flat[int(np.argmin(d))] = True
+    core = wt & (rho_t <= core_frac)
+    necrosis = core & (rho_t <= core_frac * nec_frac)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[wt] = 2
+    labels[core] = 4
+    labels[necrosis] = 1
+    decoy &= ~wt
+
+    # ---- intensities ----
+    region = np.zeros(shape, dtype=np.uint8)  # painter's order: later layers win
+    names = ["background", "scalp", "bone", "csf", "wm", "gm", "csf", "edema", "enhancing", "necrosis"]
+    masks = [
+        None, head, rho <= _SCALP_INNER, rho <= _BONE_INNER, brain, gm, ventricles & brain,
+        labels == 2, labels == 4, labels == 1,
+    ]
+    for idx, m in enumerate(masks[1:], start=1):
+        region[m] = idx
+    lut = np.zeros((len(names), 4), dtype=np.float32)
+    for idx, name in enumerate(names[1:], start=1):
+        lut[idx] = jitter[name]
+    image = lut.T[:, region]  # (4, D, H, W), contiguous
+    texture = 1 + 0.06 * _upsample(grids["texture"], shape)
+    image *= np.where(brain & ~wt, texture, 1.0)[None]
+    hetero = 1 + 0.08 * _upsample(grids["hetero"], shape)
+    image *= np.where(wt, hetero, 1.0)[None]
+    for ch in (2, 3):  # decoy: edema-like on t2/flair only
+        image[ch][decoy] = jitter["edema"][ch] * hetero[decoy]
+
+    image = _blur121(image)
+    for ch in range(4):
+        image[ch] *= np.exp(0.08 * _upsample(grids["bias"][ch], shape))
+    n1 = rng.standard_normal(image.shape, dtype=np.float32)
+    n2 = rng.standard_normal(image.shape, dtype=np.float32)
+    image = np.sqrt((image + noise_sigma * n1) ** 2 + (noise_sigma * n2) ** 2)  # Rician
+    image *= head[None]
+    for ch in range(4):  # BraTS-style recipe: clip at the 99.5th percentile in the head, scale to [0, 1]
+        top = np.percentile(image[ch][head], 99.5)
+        image[ch] = np.clip(image[ch] / max(top, 1e-6), 0.0, 1.0)
+
+    return PhantomCase(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        label=labels > 0,
+        labels=labels,
+        brain_mask=brain,
+        head_mask=head,
+        decoy_mask=decoy,
+        case_id=case_id if case_id is not None else f"phantom_seed{seed}",
+        seed=int(seed),
+    )
+
+
+def case_seed(dataset_seed: int, index: int) -> int:
+    """Seed of case ``index`` in ``make_phantom_dataset(..., seed=dataset_seed)`` (collision-resistant)."""
+    return int(np.random.SeedSequence([int(dataset_seed), int(index)]).generate_state(1, np.uint32)[0])
+
+
+def make_phantom_dataset(n: int, size: int | tuple[int, int, int], seed: int) -> list[PhantomCase]:
+    """``n`` independent cases with ids ``phantom_000``, ``phantom_001``, ... (deterministic in ``seed``)."""
+    if int(n) != n or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    return [make_phantom(size, case_seed(seed, i), case_id=f"phantom_{i:03d}") for i in range(int(n))]

@@ -1,0 +1,153 @@
+"""PatchDDM data path: offset distributions, coordinate channels, crop/decimate, pad/unpad, input order."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from patchddm_fast.data.patches import (
+    PatchOffsetSampler,
+    build_model_input,
+    coordinate_channels,
+    crop,
+    decimate,
+    pad_to_multiple,
+    pad_to_shape,
+    trapezoid_split,
+    unpad,
+)
+
+
+def _trapezoid_closed_form(a: int, b: int) -> np.ndarray:
+    """P(U{0..a} + U{0..b} = k) = #{i in [0, a] : k - i in [0, b]} / ((a+1)(b+1))."""
+    k = np.arange(a + b + 1)
+    count = np.minimum(k, a) - np.maximum(0, k - b) + 1
+    return count / ((a + 1) * (b + 1))
+
+
+def test_paper_configuration_pmf():
+    sampler = PatchOffsetSampler(256, 128)
+    assert trapezoid_split(128) == (32, 96)
+    expected = _trapezoid_closed_form(32, 96)
+    for axis in range(3):
+        pmf = sampler.pmf(axis)
+        assert pmf.shape == (129,)
+        np.testing.assert_allclose(pmf, expected, rtol=1e-12, atol=1e-15)
+    # flat top between 32 and 96, ends 33x rarer; patch centres offset + 64 lie in [64, 192]
+    assert np.allclose(expected[32:97], 1 / 97) and expected[0] == pytest.approx(expected[32] / 33)
+
+
+@pytest.mark.parametrize(
+    "volume,patch,distribution",
+    [
+        (256, 128, "trapezoid"),
+        ((40, 24, 17), (16, 16, 16), "trapezoid"),
+        ((64, 48, 32), (32, 32, 31), "trapezoid"),
+        ((40, 24, 17), (16, 16, 16), "uniform"),
+    ],
+)
+def test_sampled_offsets_follow_pmf(volume, patch, distribution):
+    """Chi-square goodness of fit of 20000 draws per axis against the exact pmf."""
+    sampler = PatchOffsetSampler(volume, patch, distribution)
+    rng = np.random.default_rng(1234)
+    draws = np.array([sampler.sample(rng) for _ in range(20000)])
+    for axis in range(3):
+        span = sampler.spans[axis]
+        assert draws[:, axis].min() >= 0 and draws[:, axis].max() <= span
+        if span == 0:
+            assert (draws[:, axis] == 0).all()
+            continue
+        pmf = sampler.pmf(axis)
+        if distribution == "uniform":
+            np.testing.assert_allclose(pmf, 1 / (span + 1))
+        else:
+            np.testing.assert_allclose(pmf, _trapezoid_closed_form(*trapezoid_split(span)))
+        observed = np.bincount(draws[:, axis], minlength=span + 1)
+        assert stats.chisquare(observed, pmf * len(draws)).pvalue > 1e-3
+
+
+def test_sampler_edge_cases_and_errors():
+    sampler = PatchOffsetSampler((16, 17, 20), (16, 16, 16))
+    np.testing.assert_array_equal(sampler.pmf(0), [1.0])  # patch fills the axis: offset 0
+    np.testing.assert_allclose(sampler.pmf(1), [0.5, 0.5])
+    with pytest.raises(ValueError, match="exceeds volume_shape"):
+        PatchOffsetSampler((64, 64, 32), (64, 64, 64))
+    with pytest.raises(ValueError, match="distribution"):
+        PatchOffsetSampler(64, 32, "gaussian")
+    with pytest.raises(ValueError, match="patch_shape"):
+        PatchOffsetSampler(64, (32, 32))
+
+
+def test_coordinate_channels_values():
+    shape = (5, 7, 9)
+    c = coordinate_channels(shape)
+    assert c.shape == (3, *shape) and c.dtype == torch.float32
+    for k in range(3):  # channel k is torch.linspace(-1, 1, n) along axis k and constant across the others
+        ramp = torch.linspace(-1, 1, shape[k])
+        for i in range(shape[k]):
+            assert torch.all(c[k].select(k, i) == ramp[i])
+    assert torch.equal(c[:, 0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    assert torch.equal(c[:, -1, -1, -1], torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.allclose(c[:, 2, 3, 4], torch.zeros(3), atol=1e-7)  # centre of odd sizes
+    assert coordinate_channels(shape, dtype=torch.float16).dtype == torch.float16
+
+
+def test_cropped_coordinates_are_the_patch_sub_ramp():
+    volume, patch = (24, 20, 16), (8, 8, 8)
+    coords = coordinate_channels(volume)
+    offset = PatchOffsetSampler(volume, patch).sample(np.random.default_rng(0))
+    cropped = crop(coords, offset, patch)
+    assert cropped.shape == (3, *patch)
+    for k in range(3):
+        ramp = torch.linspace(-1, 1, volume[k])[offset[k]:offset[k] + patch[k]]
+        view = [1, 1, 1]
+        view[k] = patch[k]
+        assert torch.equal(cropped[k], ramp.reshape(view).expand(patch))
+    image = torch.arange(2 * 24 * 20 * 16, dtype=torch.float32).reshape(2, *volume)
+    assert torch.equal(crop(image, offset, patch), image[:, offset[0]:offset[0] + 8, offset[1]:offset[1] + 8,
+                                                          offset[2]:offset[2] + 8])
+    with pytest.raises(ValueError, match="does not fit"):
+        crop(image, (20, 0, 0), patch)
+
+
+def test_decimate():
+    x = torch.arange(2 * 8 * 6 * 5).reshape(2, 8, 6, 5)
+    y = decimate(x)
+    assert y.shape == (2, 4, 3, 3)
+    assert torch.equal(y, x[:, ::2, ::2, ::2])
+    assert decimate(np.zeros((1, 1, 9, 9, 9)), 3).shape == (1, 1, 3, 3, 3)
+
+
+def test_pad_unpad_round_trip_odd_sizes():
+    x = torch.randn(2, 15, 10, 7)
+    padded, spec = pad_to_multiple(x, 4)
+    assert padded.shape == (2, 16, 12, 8)
+    assert spec == ((0, 1), (1, 1), (0, 1))  # extra voxel goes to the end
+    assert torch.equal(unpad(padded, spec), x)
+    assert padded.sum() == pytest.approx(x.sum().item(), rel=1e-5) and padded[:, -1].abs().sum() == 0
+    # the paper's BraTS padding 240x240x155 -> 256^3 (tested on a cheap bool array)
+    vol = np.ones((240, 240, 155), dtype=bool)
+    big, spec = pad_to_shape(vol, 256)
+    assert spec == ((8, 8), (8, 8), (50, 51)) and big.shape == (256, 256, 256) and big.sum() == vol.sum()
+    assert np.array_equal(unpad(big, spec), vol)
+    same, spec = pad_to_multiple(torch.ones(1, 8, 8, 8), (4, 8, 2))
+    assert same.shape == (1, 8, 8, 8) and spec == ((0, 0),) * 3
+    with pytest.raises(ValueError, match="smaller"):
+        pad_to_shape(x, (8, 8, 8))
+
+
+def test_build_model_input_order_and_broadcast():
+    n, shape = 2, (4, 4, 4)
+    image = torch.rand(n, 4, *shape)
+    mask = torch.randn(n, 1, *shape)
+    coords = coordinate_channels(shape)
+    out = build_model_input(image, mask, coords)
+    assert out.shape == (n, 8, *shape)
+    assert torch.equal(out[:, :4], image)
+    assert torch.equal(out[0, 4:7], coords) and torch.equal(out[1, 4:7], coords)
+    assert torch.equal(out[:, 7:], mask)
+    plain = build_model_input(image[0], mask[0])  # unbatched, no coordinates (FullRes/HalfRes)
+    assert plain.shape == (5, *shape) and torch.equal(plain[4:], mask[0])
+    with pytest.raises(ValueError, match="noisy_mask"):
+        build_model_input(image, mask[:, 0])
+    with pytest.raises(ValueError, match="coords"):
+        build_model_input(image, mask, coordinate_channels((4, 4, 5)))
