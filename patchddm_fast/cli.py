@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ["demo", "train", "sample", "predict", "evaluate", "kernels", "memory", "plan", "profile"]
+COMMANDS = ["demo", "train", "sample", "preprocess", "predict", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from patchddm_fast.data.patches import coordinate_channels, decimate
+from patchddm_fast.data.patches import decimate
 
 METHODS = ("patchddm", "halfres", "fullres")
 IMAGE_CHANNELS = 4
@@ -34,18 +34,23 @@ def scale_image(image01: torch.Tensor) -> torch.Tensor:
     return image01 * 2 - 1
 
 
-def condition(image01: torch.Tensor, method: str) -> torch.Tensor:
-    """The conditioning channels for a whole (padded) volume (C, D, H, W) -> (C', D', H', W').
+def condition(image01: torch.Tensor, method: str, volume_shape=None, origin=(0, 0, 0)) -> torch.Tensor:
+    """Conditioning channels for a window (C, d, h, w) of a padded volume -> (C', d', h', w').
 
-    For HalfRes the volume is decimated; for PatchDDM the coordinate channels of the whole
-    volume are appended (crop the result to get a training patch).
+    ``volume_shape``/``origin`` place the window in the whole padded volume (default: the
+    window *is* the whole volume).  PatchDDM appends the coordinate channels of the whole
+    volume cropped to the window; HalfRes decimates the window by 2.
     """
     check_method(method)
     img = scale_image(image01.float())
     if method == "halfres":
         return decimate(img)
     if method == "patchddm":
-        return torch.cat([img, coordinate_channels(tuple(img.shape[-3:]), dtype=img.dtype).to(img.device)], dim=0)
+        window = tuple(img.shape[-3:])
+        volume_shape = tuple(volume_shape) if volume_shape is not None else window
+        ramps = [torch.linspace(-1, 1, n, dtype=torch.float32)[o:o + w] for n, o, w in zip(volume_shape, origin, window)]
+        coords = torch.stack(torch.meshgrid(*ramps, indexing="ij")).to(img.dtype).to(img.device)
+        return torch.cat([img, coords], dim=0)
     return img
 
 

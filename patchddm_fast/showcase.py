@@ -16,11 +16,10 @@ from typing import Any, Dict, List, Sequence
 import nibabel as nib
 import numpy as np
 
-from patchddm_fast.data.cases import VolumeCase
+from patchddm_fast.data.cases import CaseSource, read_whole
+from patchddm_fast.data.phantom import CHANNELS
 from patchddm_fast.metrics import dice, hd95
 from patchddm_fast.sampling import segment_volume
-
-CHANNELS = ("t1", "t1ce", "t2", "flair")
 
 
 def _finite_or_none(v: float):
@@ -43,22 +42,23 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def evaluate_cases(model, diffusion, method: str, cases: Sequence[VolumeCase], out_dir: Path, *, ensemble: int,
+def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
                    steps: int, seed: int, progress: bool = True, figures: bool = True) -> Dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for case in cases:
-        res = segment_volume(model, diffusion, case.image, method=method, ensemble=ensemble, steps=steps,
+        image, label = read_whole(case)
+        res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
                              seed=seed, progress=progress, desc=case.case_id, keep_samples=True)
-        gt = case.label.numpy().astype(bool)
+        gt = label.numpy()
         pred = res.mask.numpy()
         single = (res.samples[0] > 0.5).numpy()
         records.append(dict(case=case.case_id, dice=dice(pred, gt), hd95=_finite_or_none(hd95(pred, gt)),
                             dice_single_sample=dice(single, gt), tumour_voxels=int(gt.sum()),
                             predicted_voxels=int(pred.sum())))
         prefix = out_dir / case.case_id
-        write_nifti(np.moveaxis(case.image.numpy(), 0, -1).astype(np.float32), Path(f"{prefix}_image.nii.gz"))
+        write_nifti(np.moveaxis(image.numpy(), 0, -1).astype(np.float32), Path(f"{prefix}_image.nii.gz"))
         write_nifti(gt.astype(np.uint8), Path(f"{prefix}_gt.nii.gz"))
         write_nifti(res.mean.numpy().astype(np.float32), Path(f"{prefix}_mean.nii.gz"))
         write_nifti(res.var.numpy().astype(np.float32), Path(f"{prefix}_var.nii.gz"))
@@ -66,7 +66,7 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[VolumeCase], o
         if figures:
             from patchddm_fast.report import case_figure
 
-            case_figure(case.image[CHANNELS.index("flair")].numpy(), gt, res.mean.numpy(), res.var.numpy(),
+            case_figure(image[CHANNELS.index("flair")].numpy(), gt, res.mean.numpy(), res.var.numpy(),
                         Path(f"{prefix}_montage.png"), title=f"{case.case_id}: Dice {records[-1]['dice']:.3f}")
     metrics = dict(cases=records, mean=summarise(records),
                    sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from patchddm_fast.checkpoint import build_model, load_checkpoint, save_checkpoint
 from patchddm_fast.conditioning import network_input
 from patchddm_fast.config import TrainConfig
-from patchddm_fast.data.cases import BatchSampler, VolumeCase, step_generators
+from patchddm_fast.data.cases import BatchSampler, CaseSource, read_whole, step_generators
 from patchddm_fast.diffusion import Diffusion
 from patchddm_fast.metrics import dice
 from patchddm_fast.sampling import segment_volume
@@ -49,8 +49,8 @@ class Trainer:
         self,
         config: Union[TrainConfig, Dict[str, Any], str, Path, None] = None,
         *,
-        train_cases: Optional[List[VolumeCase]] = None,
-        val_cases: Optional[List[VolumeCase]] = None,
+        train_cases: Optional[List[CaseSource]] = None,
+        val_cases: Optional[List[CaseSource]] = None,
         **overrides: Any,
     ):
         if config is None:
@@ -152,15 +152,16 @@ class Trainer:
         self.losses.append(value)
         return value
 
-    def validate(self, cases: List[VolumeCase]) -> Dict[str, Any]:
+    def validate(self, cases: List[CaseSource]) -> Dict[str, Any]:
         scores = []
         for case in cases:
+            image, label = read_whole(case)
             result = segment_volume(
-                self.model, self.diffusion, case.image, method=self.config.method,
+                self.model, self.diffusion, image, method=self.config.method,
                 ensemble=self.config.val_ensemble, steps=self.config.val_steps, seed=self.config.seed,
                 progress=False,
             )
-            scores.append(dice(result.mask.numpy(), case.label.numpy()))
+            scores.append(dice(result.mask.numpy(), label.numpy()))
         record = dict(step=self.step, dice=float(np.mean(scores)) if scores else float("nan"), per_case=scores)
         self.validations.append(record)
         return record

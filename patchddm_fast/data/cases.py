@@ -1,27 +1,51 @@
-"""Training cases in memory and the per-step batch sampler.
+"""Training cases and the per-step batch sampler.
 
-A :class:`VolumeCase` is one subject padded to the network's size multiple.  The
-:class:`BatchSampler` turns (step index) into a batch deterministically: every random
-choice of step k comes from a generator seeded with (seed, k).  That makes an
-interrupted run resume *exactly* -- there is no RNG state to save or restore.
+A case is anything with ``case_id``, ``shape`` (its padded grid) and
+``read(origin, size) -> (image (4, *size) float32 in [0, 1], label (*size))``: an in-memory
+:class:`VolumeCase` (phantoms) or a memory-mapped cached volume from
+:mod:`patchddm_fast.io.cache` (real datasets, which never fit in memory whole).  The
+:class:`BatchSampler` reads only the window it needs each step.
+
+Every random choice of step k comes from generators seeded with (seed, k), so an
+interrupted run resumes *exactly*: there is no RNG state to save or restore.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from patchddm_fast.conditioning import check_method, condition, target_mask
-from patchddm_fast.data.patches import PatchOffsetSampler, crop, pad_to_multiple
+from patchddm_fast.data.patches import PatchOffsetSampler, pad_to_multiple
+
+
+class CaseSource(Protocol):
+    case_id: str
+
+    @property
+    def shape(self) -> Tuple[int, int, int]: ...
+
+    def read(self, origin: Sequence[int] = (0, 0, 0), size: Optional[Sequence[int]] = None): ...
 
 
 @dataclass
 class VolumeCase:
+    """An in-memory padded case (phantoms, tests)."""
+
     case_id: str
     image: torch.Tensor  # (4, D, H, W) float32 in [0, 1], padded
     label: torch.Tensor  # (D, H, W) bool, padded
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.image.shape[-3:])
+
+    def read(self, origin: Sequence[int] = (0, 0, 0), size: Optional[Sequence[int]] = None):
+        size = self.shape if size is None else tuple(size)
+        window = tuple(slice(o, o + s) for o, s in zip(origin, size))
+        return self.image[(slice(None),) + window], self.label[window]
 
 
 def pad_case(case_id: str, image, label, multiple: int) -> VolumeCase:
@@ -30,6 +54,12 @@ def pad_case(case_id: str, image, label, multiple: int) -> VolumeCase:
     image, _ = pad_to_multiple(image, multiple)
     label, _ = pad_to_multiple(label[None].float(), multiple)
     return VolumeCase(case_id, image, label[0] > 0.5)
+
+
+def read_whole(case: CaseSource) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(image float32 (4, D, H, W), label bool (D, H, W)) of a whole padded case."""
+    image, label = case.read()
+    return torch.as_tensor(np.asarray(image, dtype=np.float32)), torch.as_tensor(np.asarray(label)) > 0
 
 
 def step_generators(seed: int, step: int) -> Tuple[np.random.Generator, torch.Generator]:
@@ -42,33 +72,28 @@ def step_generators(seed: int, step: int) -> Tuple[np.random.Generator, torch.Ge
 class BatchSampler:
     """Conditioning and target batches for one method (PatchDDM patches, HalfRes, FullRes)."""
 
-    def __init__(self, cases: Sequence[VolumeCase], method: str, patch_size: int = 128, distribution: str = "trapezoid"):
+    def __init__(self, cases: Sequence[CaseSource], method: str, patch_size: int = 128, distribution: str = "trapezoid"):
         if not cases:
             raise ValueError("no training cases")
         self.method = check_method(method)
         self.cases = list(cases)
-        # Conditioning of every whole volume is computed once (coordinates of the whole padded volume).
-        self.conds = [condition(c.image, method) for c in self.cases]
-        self.targets = [target_mask(c.label, method) for c in self.cases]
-        self.patch = None
+        shapes = {tuple(c.shape) for c in self.cases}
+        self.patch: Optional[Tuple[int, int, int]] = None
         if method == "patchddm":
-            shapes = {tuple(c.image.shape[-3:]) for c in self.cases}
-            self.offsets = {s: PatchOffsetSampler(s, (patch_size,) * 3, distribution=distribution) for s in shapes}
             self.patch = (patch_size,) * 3
-        else:
-            shapes = {tuple(t.shape[-3:]) for t in self.targets}
-            if len(shapes) > 1:
-                raise ValueError(f"{method} trains on whole volumes, which must share one shape; got {sorted(shapes)}")
+            self.offsets = {s: PatchOffsetSampler(s, self.patch, distribution=distribution) for s in shapes}
+        elif len(shapes) > 1:
+            raise ValueError(f"{method} trains on whole volumes, which must share one shape; got {sorted(shapes)}")
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         conds: List[torch.Tensor] = []
         targets: List[torch.Tensor] = []
         for _ in range(batch_size):
-            i = int(rng.integers(len(self.cases)))
-            cond, target = self.conds[i], self.targets[i]
-            if self.patch is not None:
-                offset = self.offsets[tuple(cond.shape[-3:])].sample(rng)
-                cond, target = crop(cond, offset, self.patch), crop(target, offset, self.patch)
-            conds.append(cond)
-            targets.append(target)
+            case = self.cases[int(rng.integers(len(self.cases)))]
+            origin = (0, 0, 0) if self.patch is None else tuple(self.offsets[tuple(case.shape)].sample(rng))
+            image, label = case.read(origin, self.patch)
+            image = torch.as_tensor(np.asarray(image, dtype=np.float32))
+            label = torch.as_tensor(np.asarray(label)) > 0
+            conds.append(condition(image, self.method, case.shape, origin))
+            targets.append(target_mask(label, self.method))
         return torch.stack(conds), torch.stack(targets)
