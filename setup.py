@@ -12,9 +12,11 @@ setup(
     description="Memory-optimised 3D denoising diffusion models for medical image segmentation (PatchDDM)",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["patchddm_fast", "patchddm_fast.*"]),
-    package_data={"patchddm_fast": ["../csrc/*.cpp"]},
-    include_package_data=True,
+    # csrc/ ships inside the wheel as patchddm_fast._csrc so the C++ CPU ops can be built
+    # at first use from an installed package, not only from a checkout.
+    packages=find_packages(include=["patchddm_fast", "patchddm_fast.*"]) + ["patchddm_fast._csrc"],
+    package_dir={"patchddm_fast._csrc": "csrc"},
+    package_data={"patchddm_fast._csrc": ["*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",
