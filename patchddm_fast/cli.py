@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ["demo", "train", "sample", "preprocess", "predict", "evaluate"]
+COMMANDS = ["demo", "train", "sample", "preprocess", "predict", "evaluate", "kernels"]
 
 
 def build_parser() -> argparse.ArgumentParser:
