@@ -25,7 +25,7 @@ from patchddm_fast.config import TrainConfig
 from patchddm_fast.data.cases import BatchSampler, CaseSource, read_whole, step_generators
 from patchddm_fast.diffusion import Diffusion
 from patchddm_fast.metrics import dice
-from patchddm_fast.sampling import segment_volume
+from patchddm_fast.sampling import flush_denormals_on_cpu, segment_volume
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,6 +64,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.device = resolve_device(config.device)
+        flush_denormals_on_cpu(self.device)
         if config.memory_budget:
             self._apply_memory_plan()
         self.diffusion = Diffusion(**config.diffusion)

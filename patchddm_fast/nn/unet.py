@@ -5,12 +5,16 @@ residual blocks per level, 29 GroupNorm groups, zero-initialised output convolut
 What we add is *how* it runs: the GroupNorm-SiLU pairs and skip averages go through
 :mod:`patchddm_fast.nn.backend` (``ops="reference"`` is the paper's code,
 ``ops="fused"`` our custom ops), and ``checkpoint`` trades recompute for activation
-memory at the granularity of one residual block or one whole level.
+memory at the granularity of one residual block or one whole level, or selectively
+(GroupNorm-SiLU and upsampling recomputed, convolution outputs kept; see
+:mod:`patchddm_fast.memory.recompute`).  ``set_offload`` installs the hooks of
+:mod:`patchddm_fast.memory.offload` (skips and saved activations in host memory).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +23,14 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from patchddm_fast.nn import backend
 
-CHECKPOINT_MODES = ("none", "block", "level")
+# none: plain autograd.
+# selective: every GroupNorm-SiLU -> conv pair and every upsample -> conv pair saves only
+#   its input and recomputes the cheap part in backward; no convolution is recomputed.
+# block: a residual block saves only its input (and the time bias); backward recomputes
+#   its first convolution (never the second) -- half a block of recompute.
+# level: block, and each encoder level saves only its input: its skips are freed as soon
+#   as the decoder has consumed them, and backward recomputes the level.
+CHECKPOINT_MODES = ("none", "selective", "block", "level")
 
 PRESETS = {
     # PAPER.md: t1, t1ce, t2, flair, 3 coordinate channels, noisy mask.
@@ -60,38 +71,73 @@ class NormAct(nn.GroupNorm):
         return backend.group_norm_silu(self.ops, x, self.weight, self.bias, self.num_groups, self.eps, bias_in)
 
 
+def _prep_conv(prep, conv, inputs, prep_params=()):
+    from patchddm_fast.memory.recompute import prep_conv
+
+    return prep_conv(prep, conv, inputs, prep_params)
+
+
 class ResBlock(nn.Module):
-    """GN-SiLU-Conv, + Linear(SiLU(emb)) as channel bias, GN-SiLU-Dropout-Conv(zero init), + shortcut."""
+    """GN-SiLU-Conv, + Linear(SiLU(emb)) as channel bias, GN-SiLU-Dropout-Conv(zero init), + shortcut.
+
+    ``recompute`` (set by ``UNet3D.set_checkpoint``): "none"; "selective" -- each
+    GN-SiLU -> conv pair saves only its input; "block" -- the whole block saves only its
+    input and the time bias (see :mod:`patchddm_fast.memory.recompute`).
+    """
+
+    recompute: str = "none"
 
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = NormAct(groups, cin)
-        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.conv1 = backend.Conv3d(cin, cout, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, cout)
         self.norm2 = NormAct(groups, cout)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(nn.Conv3d(cout, cout, 3, padding=1))
-        self.shortcut = nn.Identity() if cin == cout else nn.Conv3d(cin, cout, 1)
+        self.conv2 = zero_module(backend.Conv3d(cout, cout, 3, padding=1))
+        self.shortcut = nn.Identity() if cin == cout else backend.Conv3d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        if self.recompute != "none" and torch.is_grad_enabled() and not (self.training and self.dropout.p > 0):
+            return self._forward_recompute(x, emb_act)
         h = self.conv1(self.norm1(x))
         h = self.norm2(h, bias_in=self.emb_proj(emb_act).to(h.dtype))
         h = self.conv2(self.dropout(h))
         return self.shortcut(x) + h
 
+    def _forward_recompute(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        n1, n2 = self.norm1, self.norm2
+        if self.recompute == "selective":
+            h = _prep_conv(n1, self.conv1, [x], [n1.weight, n1.bias])
+            bias = self.emb_proj(emb_act).to(h.dtype)
+            h = _prep_conv(lambda h, b: self.dropout(n2(h, bias_in=b)), self.conv2, [h, bias], [n2.weight, n2.bias])
+        else:
+            from patchddm_fast.memory.recompute import block_conv2
 
-class Downsample(nn.Conv3d):
+            h = block_conv2(self, x, self.emb_proj(emb_act))
+        return self.shortcut(x) + h
+
+
+class Downsample(backend.Conv3d):
     def __init__(self, ch: int):
         super().__init__(ch, ch, 3, stride=2, padding=1)
 
 
+def _upsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
 class Upsample(nn.Module):
+    recompute_norms: bool = False  # recompute the nearest upsampling in backward, save the low-res input
+
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv3d(ch, ch, 3, padding=1)
+        self.conv = backend.Conv3d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if self.recompute_norms:
+            return _prep_conv(_upsample2x, self.conv, [x])
+        return self.conv(_upsample2x(x))
 
 
 class EncoderLevel(nn.Module):
@@ -100,11 +146,11 @@ class EncoderLevel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.down = down
 
-    def forward(self, h: torch.Tensor, emb_act: torch.Tensor, ckpt_blocks: bool) -> List[torch.Tensor]:
+    def forward(self, h: torch.Tensor, emb_act: torch.Tensor) -> List[torch.Tensor]:
         """Returns every skip this level pushes; the last one is the level's output."""
         outs = []
         for block in self.blocks:
-            h = _maybe_checkpoint(block, ckpt_blocks, h, emb_act)
+            h = block(h, emb_act)
             outs.append(h)
         if self.down is not None:
             h = self.down(h)
@@ -119,17 +165,52 @@ class DecoderLevel(nn.Module):
         self.up = up
         self.skip_mode = skip_mode
 
-    def forward(self, h: torch.Tensor, skips: Sequence[torch.Tensor], emb_act: torch.Tensor, ckpt_blocks: bool) -> torch.Tensor:
+    def forward(self, h: Any, skips: Iterable[torch.Tensor], emb_act: torch.Tensor) -> torch.Tensor:
+        """``skips`` may be lazy (an offloading skip store fetches each one just before its block).
+
+        ``h`` may be a one-element list the caller hands its only reference over in: the level
+        input then dies as soon as it is consumed instead of living until the level returns.
+        """
+        if isinstance(h, list):
+            h = h.pop()
         ops = self.blocks[0].norm1.ops
-        for block, skip in zip(self.blocks, skips):
+        skips = iter(skips)  # not zip(): zip's cached result tuple would keep the last skip alive
+        for block in self.blocks:
+            skip = next(skips)
             if self.skip_mode == "average":
                 h = backend.average_skip(ops, h, skip)
             else:
                 h = torch.cat([h, skip], dim=1)
-            h = _maybe_checkpoint(block, ckpt_blocks, h, emb_act)
+            del skip  # consumed: free it (or let the store reuse it) before the block runs
+            h = block(h, emb_act)
         if self.up is not None:
             h = self.up(h)
         return h
+
+
+class SkipStack:
+    """The encoder's skips, kept on the device (the default skip store).
+
+    An offload handler (``UNet3D.set_offload``) may supply another store with the same
+    three methods, e.g. one that moves skips to host memory and fetches them back.
+    """
+
+    def __init__(self) -> None:
+        self._items: List[torch.Tensor] = []
+
+    def push(self, t: torch.Tensor) -> None:
+        self._items.append(t)
+
+    def pop(self) -> torch.Tensor:
+        return self._items.pop()
+
+    def take(self, n: int, lazy: bool) -> Iterable[torch.Tensor]:
+        """The next ``n`` skips in decoder order; ``lazy``: popped one at a time as the
+        decoder consumes them, so each dies right after its block (a list would keep all
+        ``n`` alive until the level ends)."""
+        if lazy:
+            return (self.pop() for _ in range(n))
+        return [self.pop() for _ in range(n)]
 
 
 def _maybe_checkpoint(fn, enabled: bool, *args):
@@ -153,8 +234,11 @@ class UNet3D(nn.Module):
         skip: ``"average"`` (the paper: h = (h + skip)/2) or ``"concat"`` (the usual U-Net,
             for the paper's ablation; decoder blocks then see the summed width).
         ops: ``"reference"`` or ``"fused"`` (see :mod:`patchddm_fast.nn.backend`).
-        checkpoint: ``"none"``, ``"block"`` (recompute each residual block in backward) or
-            ``"level"`` (recompute each encoder/decoder level as one unit).
+        checkpoint: ``"none"``; ``"selective"`` (GroupNorm-SiLU and upsampling recomputed in
+            backward, no convolution recomputed); ``"block"`` (each residual block keeps only
+            its input; backward recomputes its first convolution); ``"level"`` (block, and each
+            encoder level keeps only its input and is recomputed in backward).  See
+            ``CHECKPOINT_MODES`` and :mod:`patchddm_fast.memory.recompute`.
     """
 
     def __init__(
@@ -168,6 +252,7 @@ class UNet3D(nn.Module):
         mid_blocks: int = 2,
         groups: int = 29,
         time_embed_dim: Optional[int] = None,
+        time_freq_dim: Optional[int] = None,
         dropout: float = 0.0,
         skip: str = "average",
         ops: str = "reference",
@@ -185,14 +270,16 @@ class UNet3D(nn.Module):
         self.config = dict(
             in_channels=in_channels, out_channels=out_channels, base_width=base_width,
             channel_mult=tuple(channel_mult), enc_blocks=enc_blocks, dec_blocks=dec_blocks,
-            mid_blocks=mid_blocks, groups=groups, time_embed_dim=time_embed_dim, dropout=dropout,
+            mid_blocks=mid_blocks, groups=groups, time_embed_dim=time_embed_dim, time_freq_dim=time_freq_dim, dropout=dropout,
             skip=skip,
         )
         self.levels = len(channel_mult)
         self.base_width = base_width
         emb_dim = time_embed_dim or widths[-1]
-        self.time_embed = nn.Sequential(nn.Linear(base_width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv3d(in_channels, base_width, 3, padding=1)
+        # The sinusoid has base_width frequencies in the paper; tiny demo networks may ask for more.
+        self.time_freq_dim = time_freq_dim or base_width
+        self.time_embed = nn.Sequential(nn.Linear(self.time_freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = backend.Conv3d(in_channels, base_width, 3, padding=1)
 
         skip_widths = [base_width]
         ch = base_width
@@ -224,9 +311,10 @@ class UNet3D(nn.Module):
             up = Upsample(ch) if level > 0 else None
             self.decoder.append(DecoderLevel(blocks, up, skip))
         self.out_norm = NormAct(groups, ch)
-        self.conv_out = zero_module(nn.Conv3d(ch, out_channels, 3, padding=1))
+        self.conv_out = zero_module(backend.Conv3d(ch, out_channels, 3, padding=1))
         self.set_ops(ops)
         self.set_checkpoint(checkpoint)
+        self.offload: Any = None
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -240,7 +328,7 @@ class UNet3D(nn.Module):
         backend.check_backend(ops)
         self.ops = ops
         for m in self.modules():
-            if isinstance(m, NormAct):
+            if isinstance(m, (NormAct, backend.Conv3d)):
                 m.ops = ops
         return self
 
@@ -248,6 +336,22 @@ class UNet3D(nn.Module):
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {mode!r}")
         self.checkpoint = mode
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.recompute = {"none": "none", "selective": "selective"}.get(mode, "block")
+            elif isinstance(m, Upsample):
+                m.recompute_norms = mode != "none"
+        return self
+
+    def set_offload(self, handler: Any = None) -> "UNet3D":
+        """Install an offload handler (None removes it); see :mod:`patchddm_fast.memory.offload`.
+
+        The handler may define any of: ``skip_store(model)`` -> a store with push/pop/take
+        used instead of :class:`SkipStack`; ``context(model)`` -> a context manager the
+        forward runs in (e.g. saved-tensor hooks); ``inference_forward(model, x, t)`` -> the
+        output, or None to run the normal forward (used only when grad is disabled).
+        """
+        self.offload = handler
         return self
 
     @property
@@ -273,25 +377,45 @@ class UNet3D(nn.Module):
         self.check_input(x)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.base_width).to(self.time_embed[0].weight.dtype))
-        emb_act = F.silu(emb)
-        ckpt_blocks = self.checkpoint == "block"
+        handler = self.offload
+        if handler is not None and not torch.is_grad_enabled() and hasattr(handler, "inference_forward"):
+            out = handler.inference_forward(self, x, t)
+            if out is not None:
+                return out
+        ctx = handler.context(self) if hasattr(handler, "context") else contextlib.nullcontext()
+        with ctx:
+            return self._forward(x, t, handler)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """SiLU of the time embedding: the per-block bias input ``emb_act``."""
+        emb = self.time_embed(timestep_embedding(t, self.time_freq_dim).to(self.time_embed[0].weight.dtype))
+        return F.silu(emb)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, handler: Any) -> torch.Tensor:
+        emb_act = self.time_embedding(t)
+        # Blocks recompute inside themselves (ResBlock.recompute); only encoder levels use
+        # torch's checkpoint, so their skips die once the decoder has consumed them.
         ckpt_levels = self.checkpoint == "level"
 
         h = self.conv_in(x)
-        skips: List[torch.Tensor] = [h]
+        skips = handler.skip_store(self) if hasattr(handler, "skip_store") else SkipStack()
+        skips.push(h)
         for level in self.encoder:
-            outs = _maybe_checkpoint(level, ckpt_levels, h, emb_act, ckpt_blocks)
-            skips.extend(outs)
+            outs = _maybe_checkpoint(level, ckpt_levels, h, emb_act)
+            for o in outs:
+                skips.push(o)
             h = outs[-1]
             del outs
         for block in self.middle:
-            h = _maybe_checkpoint(block, ckpt_blocks or ckpt_levels, h, emb_act)
+            h = block(h, emb_act)
         for level in self.decoder:
-            n = len(level.blocks)
-            level_skips = [skips.pop() for _ in range(n)]
-            h = _maybe_checkpoint(level, ckpt_levels, h, level_skips, emb_act, ckpt_blocks)
+            level_skips = skips.take(len(level.blocks), lazy=True)
+            box = [h]
+            del h
+            h = level(box, level_skips, emb_act)
             del level_skips  # consumed: free as soon as the level no longer needs them
+        if self.checkpoint != "none":
+            return _prep_conv(self.out_norm, self.conv_out, [h], [self.out_norm.weight, self.out_norm.bias])
         return self.conv_out(self.out_norm(h))
 
 

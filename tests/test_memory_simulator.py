@@ -1,0 +1,163 @@
+"""The memory simulator: hand counts, internal consistency, recipes, CLI."""
+import json
+import time
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from patchddm_fast.memory import simulate
+from patchddm_fast.memory.tracker import MemoryTracker
+
+TINY = dict(base_width=8, channel_mult=(1, 2, 2), groups=4)
+
+
+def _conv_relu_tracker():
+    conv = torch.nn.Conv3d(2, 4, 3, padding=1)
+    x = torch.empty(1, 2, 8, 8, 8)
+    tracker = MemoryTracker()
+    tracker.register(conv.parameters(), "weights")
+    tracker.register([x], "inputs")
+    return conv, x, tracker
+
+
+def test_hand_count_conv_relu_inference():
+    # weight 4*2*27*4 B = 864, bias 16, x 2*512*4 = 4096, conv out and relu out 4*512*4 = 8192 each.
+    with FakeTensorMode():
+        conv, x, tracker = _conv_relu_tracker()
+        with tracker:
+            y = torch.relu(conv(x))
+        assert tracker.peak == 864 + 16 + 4096 + 8192 + 8192   # conv out still alive while relu writes
+        assert tracker.current == 864 + 16 + 4096 + 8192        # the conv output died
+        del y
+
+
+def test_hand_count_conv_relu_training_step():
+    with FakeTensorMode():
+        conv, x, tracker = _conv_relu_tracker()
+        with tracker:
+            loss = torch.relu(conv(x)).sum()
+            # forward: relu saved its output (8192), the conv output died, the loss is 4 B
+            assert tracker.current == 880 + 4096 + 8192 + 4
+            loss.backward()
+        # backward peak: threshold_backward writes g_r (8192) while the saved relu output and
+        # the 4-byte seed gradient are alive: 880 + 4096 + 4 (loss) + 4 (seed) + 8192 + 8192.
+        assert tracker.peak == 880 + 4096 + 4 + 4 + 8192 + 8192
+        assert tracker.current == 880 + 4096 + 4 + 880         # + weight/bias gradients
+        assert tracker.peak_where.startswith("setup [threshold_backward")
+
+
+def test_breakdown_sums_to_peak_and_engine_beats_paper():
+    paper = simulate("fullres", "train", size=16, recipe="paper", model_kwargs=TINY)
+    engine = simulate("fullres", "train", size=16, recipe="engine", model_kwargs=TINY)
+    for r in (paper, engine):
+        assert sum(r.breakdown.values()) == r.peak_allocated_bytes
+        assert r.peak_allocated_bytes <= r.peak_allocated_rounded_bytes <= r.peak_reserved_bytes
+        assert r.peak_process_bytes == r.peak_reserved_bytes + r.cuda_context_bytes
+        assert r.breakdown["optimizer_state"] == r.totals["optimizer_state"] == 2 * r.totals["weights"]
+        json.dumps(r.to_dict())
+    assert paper.settings["precision"] == "fp16" and paper.settings["ops"] == "reference"
+    assert engine.peak_allocated_bytes < paper.peak_allocated_bytes
+
+
+def test_warm_start_step_equals_second_real_step():
+    for ckpt in ("none", "block"):
+        two = simulate("patchddm", "train", size=16, checkpoint=ckpt, steps=2, model_kwargs=TINY)
+        warm = simulate("patchddm", "train", size=16, checkpoint=ckpt, steps=1, warm_start=True, model_kwargs=TINY)
+        assert two.peak_allocated_bytes == warm.peak_allocated_bytes
+
+
+def test_checkpoint_modes_trade_memory_for_recompute():
+    r = {m: simulate("patchddm", "train", size=64, checkpoint=m, model_kwargs=TINY)
+         for m in ("none", "selective", "block", "level")}
+    assert r["none"].recompute_fraction == r["selective"].recompute_fraction == 0.0
+    assert 0.0 < r["block"].recompute_fraction < r["level"].recompute_fraction < 1.0
+    assert r["none"].peak_allocated_bytes > r["selective"].peak_allocated_bytes > r["block"].peak_allocated_bytes
+    offloaded = simulate("patchddm", "train", size=64, checkpoint="block", offload="all", model_kwargs=TINY)
+    assert offloaded.peak_host_bytes > 0
+    assert offloaded.peak_allocated_bytes < r["block"].peak_allocated_bytes
+
+
+def test_inference_offload_and_tiling_cut_the_peak(monkeypatch):
+    import patchddm_fast.memory.tiled as tiled
+
+    monkeypatch.setattr(tiled, "SMALL_BYTES", 0)  # slab even the tiny test volumes
+    plain = simulate("patchddm", "sample", size=32, model_kwargs=TINY)
+    both = simulate("patchddm", "sample", size=32, offload="skips", tiled=True, model_kwargs=TINY)
+    paper = simulate("patchddm", "sample", size=32, recipe="paper", model_kwargs=TINY)
+    assert paper.settings["precision"] == "fp32" and paper.breakdown["gradients"] == 0
+    assert both.peak_host_bytes > 0 and both.peak_allocated_bytes < plain.peak_allocated_bytes < paper.peak_allocated_bytes
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="preset"):
+        simulate("unet", "train", size=64)
+    with pytest.raises(ValueError, match="mode"):
+        simulate("patchddm", "infer", size=64)
+    with pytest.raises(ValueError, match="checkpoint"):
+        simulate("patchddm", "train", size=16, checkpoint="everything", model_kwargs=TINY)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        simulate("patchddm", "train", size=18, model_kwargs=TINY)
+
+
+def test_full_size_simulation_takes_seconds():
+    start = time.perf_counter()
+    r = simulate("patchddm", "sample", size=256)
+    assert time.perf_counter() - start < 60
+    assert r.totals["weights"] == 24_260_299 * 4
+
+
+def run_command(name, argv):
+    """Parse and run one of patchddm_fast.commands.<name> the way the CLI does."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"patchddm_fast.commands.{name}")
+    parser = argparse.ArgumentParser(prog="patchddm")
+    module.add_parser(parser.add_subparsers(dest="command"))
+    return module.run(parser.parse_args([name, *argv]))
+
+
+def test_memory_cli_json(capsys):
+    assert run_command("memory", ["--preset", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["preset"] == "halfres" and d["size"] == 64 and d["peak_allocated_bytes"] > d["breakdown"]["weights"]
+
+
+def test_profile_without_gpu_exits_with_message(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: profile would run for real")
+    assert run_command("profile", ["--preset", "halfres", "--mode", "sample", "--size", "64"]) == 3
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def testreference_code_order_differs_from_the_backend_only_in_silu_precision():
+    from patchddm_fast.memory.simulate import reference_code_order, reference_code_group_norm_silu
+    from patchddm_fast.nn import backend
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 8, 4, 4, 4, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g)
+    bias_in = torch.randn(2, 8, generator=g)
+    ref = backend.reference_group_norm_silu(x, w, b, 4, 1e-5, bias_in)
+    assert torch.equal(reference_code_group_norm_silu(x, w, b, 4, 1e-5, bias_in), ref)  # fp32: identical
+    half = reference_code_group_norm_silu(x.half(), w, b, 4, 1e-5, bias_in)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=2e-2)
+    original = backend.reference_group_norm_silu
+    with reference_code_order(True):
+        assert backend.reference_group_norm_silu is reference_code_group_norm_silu
+    assert backend.reference_group_norm_silu is original
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_profile_workload_runs_on_cpu(mode):
+    """The GPU profiler's workload loop (timing, DDIM pass) on a tiny CPU network."""
+    from patchddm_fast.memory.profiling import _run_workload
+    from patchddm_fast.memory.simulate import recipe_settings
+    from patchddm_fast.nn.unet import UNet3D
+    from patchddm_fast.precision import resolve_precision
+
+    model = UNet3D(in_channels=5, **TINY)
+    times = []
+    _run_workload(mode, model, resolve_precision("fp32", "cpu"), recipe_settings("engine", mode, precision="fp32"),
+                  5, 16, 1, 2, 2, torch.device("cpu"), torch.Generator().manual_seed(0), times)
+    assert len(times) == 2 and all(t > 0 for t in times)
