@@ -3,7 +3,15 @@
 One implementation of each formula (PAPER.md, "Reference training and sampling"):
 linear beta schedule over T steps, ``q_sample``, epsilon-prediction MSE on the mask
 channel only, and DDIM with eta = 0 by default (clamp x0, re-derive eps, last step to
-alpha_bar_0).  Schedules are held in float64 and gathered per step, so sampling in any
+alpha_bar_0).
+
+Beyond the paper, the network's output can also be read as ``v`` (Salimans & Ho 2022:
+v = sqrt(a) eps - sqrt(1 - a) x0) or ``x0`` directly (``prediction=``).  The paper's eps
+needs x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), which amplifies the network's error by
+sqrt((1 - a) / a) -- 156x at t = 999 -- so a briefly trained eps model is noise at high t;
+v and x0 have no such amplification and train in a fraction of the steps.  Sampling is
+the same DDIM update for all three: the output is turned into a (clamped) x0 and eps is
+re-derived from it.  Schedules are held in float64 and gathered per step, so sampling in any
 precision uses the exact coefficients.
 """
 from __future__ import annotations
@@ -14,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# model_fn(x_t, t) -> predicted noise; x_t (N, 1, D, H, W), t (N,) long.
+# model_fn(x_t, t) -> the network output (the predicted noise for the paper's eps-prediction); x_t (N, 1, D, H, W), t (N,) long.
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = ("eps", "v", "x0")
 
 
 class Diffusion:
@@ -25,11 +34,16 @@ class Diffusion:
         timesteps: T (1000 in the paper).
         beta_start, beta_end: the linear schedule's end points (1e-4, 0.02).
         clip_x0: clamp the predicted x0 to [-1, 1] during sampling (the paper does).
+        prediction: what the network outputs -- "eps" (the paper), "v" or "x0".
     """
 
-    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, clip_x0: bool = True):
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, clip_x0: bool = True,
+                 prediction: str = "eps"):
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.timesteps = timesteps
         self.beta_start, self.beta_end = beta_start, beta_end
         self.clip_x0 = clip_x0
@@ -37,7 +51,8 @@ class Diffusion:
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
 
     def config(self) -> dict:
-        return dict(timesteps=self.timesteps, beta_start=self.beta_start, beta_end=self.beta_end, clip_x0=self.clip_x0)
+        return dict(timesteps=self.timesteps, beta_start=self.beta_start, beta_end=self.beta_end, clip_x0=self.clip_x0,
+                    prediction=self.prediction)
 
     # ------------------------------------------------------------------ helpers
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -63,10 +78,29 @@ class Diffusion:
         noise: torch.Tensor,
         build_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """Plain MSE between the true and predicted noise of the mask channel (in fp32)."""
+        """Plain MSE between the network's output and its target on the mask channel (in fp32):
+        the noise for eps-prediction (the paper), v or x0 otherwise (:meth:`target`)."""
         x_t = self.q_sample(mask, t, noise)
-        eps = model(build_input(image, x_t), t)
-        return F.mse_loss(eps.float(), noise.float())
+        out = model(build_input(image, x_t), t)
+        return F.mse_loss(out.float(), self.target(mask, t, noise).float())
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network should output for x_t = q_sample(x0, t, noise)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        a = self.alpha_bar(t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The x0 a network output implies (inverse of :meth:`target` given x_t)."""
+        if self.prediction == "eps":
+            return self.predict_x0(x_t, t, out)
+        if self.prediction == "x0":
+            return out
+        a = self.alpha_bar(t, x_t)
+        return a.sqrt() * x_t - (1 - a).sqrt() * out
 
     # ------------------------------------------------------------------ sampling
     def ddim_timesteps(self, steps: int) -> list[int]:
@@ -88,20 +122,21 @@ class Diffusion:
         x_t: torch.Tensor,
         t: int,
         t_prev: int,
-        eps: torch.Tensor,
+        out: torch.Tensor,
         eta: float = 0.0,
         generator: Optional[torch.Generator] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One DDIM update from step t to t_prev; returns (x_prev, x0_pred).
 
-        x0 is predicted, clamped to [-1, 1], and eps re-derived from the clamped x0 so the
-        update stays on the deterministic trajectory (eta = 0) or adds sigma_t noise (eta > 0).
+        ``out`` is the network's output (eps for the paper's parameterisation).  x0 is
+        predicted, clamped to [-1, 1], and eps re-derived from the clamped x0 so the update
+        stays on the deterministic trajectory (eta = 0) or adds sigma_t noise (eta > 0).
         """
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        x0 = self.predict_x0(x_t, tt, eps)
+        x0 = self.x0_from_output(x_t, tt, out)
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
-            eps = self.eps_from_x0(x_t, tt, x0)
+        eps = out if (self.prediction == "eps" and not self.clip_x0) else self.eps_from_x0(x_t, tt, x0)
         a_t = self.alphas_cumprod[t].item()
         a_prev = self.alphas_cumprod[t_prev].item()
         sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(max(0.0, 1 - a_t / a_prev))
@@ -130,8 +165,8 @@ class Diffusion:
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
-            eps = model_fn(x, torch.full((shape[0],), t, dtype=torch.long, device=x.device))
-            x, x0 = self.ddim_step(x, t, t_prev, eps.to(x.dtype), eta=eta, generator=generator)
+            out = model_fn(x, torch.full((shape[0],), t, dtype=torch.long, device=x.device))
+            x, x0 = self.ddim_step(x, t, t_prev, out.to(x.dtype), eta=eta, generator=generator)
             yield t, x, x0
 
     def ddim_sample(self, model_fn: EpsModel, shape, steps: int, **kwargs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,7 @@ def segment_volume(
     desc: str = "",
     keep_samples: bool = False,
     autocast: Optional[contextlib.AbstractContextManager] = None,
+    memory_budget: Union[str, int, None] = None,
 ) -> SegmentationResult:
     """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
 
@@ -73,6 +74,11 @@ def segment_volume(
         progress: show a tqdm bar over ensemble x steps with an ETA.
         autocast: optional context manager (e.g. from :mod:`patchddm_fast.precision`)
             wrapped around every network evaluation; fp32 when omitted (as the paper).
+        memory_budget: GPU memory to stay within, e.g. "8GB": the planner
+            (:func:`patchddm_fast.memory.planner.planned_inference`) picks ops, precision,
+            skip offload and tiling for this volume; its precision is used unless
+            ``autocast`` is given.  A CUDA out-of-memory error is answered with the
+            planner's suggestion either way.
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
@@ -90,23 +96,33 @@ def segment_volume(
 
     was_training = model.training
     model.eval()
-    ctx = autocast if autocast is not None else contextlib.nullcontext()
+    planned = contextlib.nullcontext((None, None))
+    if memory_budget is not None:
+        from patchddm_fast.memory.planner import planned_inference
 
-    def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with ctx:
-            return model(network_input(cond, x_t), t).float()
-
+        planned = planned_inference(model, memory_budget, method, max(cond.shape[-3:]))
     samples = []
     bar = tqdm(total=ensemble * steps, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
     try:
-        for member in range(ensemble):
-            bar.set_postfix(sample=f"{member + 1}/{ensemble}")
-            x = None
-            for _, x, _ in diffusion.ddim_loop(eps_model, grid, steps, eta=eta, generator=generator, device=device):
-                bar.update(1)
-            if factor > 1:
-                x = F.interpolate(x, scale_factor=factor, mode="nearest")
-            samples.append(unpad(x[0, 0], pad_spec).cpu())
+        with planned as (_, planned_autocast):
+            ctx = autocast if autocast is not None else (planned_autocast or contextlib.nullcontext())
+
+            def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with ctx:
+                    return model(network_input(cond, x_t), t).float()
+
+            for member in range(ensemble):
+                bar.set_postfix(sample=f"{member + 1}/{ensemble}")
+                x = None
+                for _, x, _ in diffusion.ddim_loop(eps_model, grid, steps, eta=eta, generator=generator, device=device):
+                    bar.update(1)
+                if factor > 1:
+                    x = F.interpolate(x, scale_factor=factor, mode="nearest")
+                samples.append(unpad(x[0, 0], pad_spec).cpu())
+    except torch.cuda.OutOfMemoryError as exc:
+        from patchddm_fast.memory import oom_advice
+
+        raise RuntimeError(oom_advice(exc, preset=method, mode="sample", size=max(cond.shape[-3:]))) from exc
     finally:
         bar.close()
         model.train(was_training)

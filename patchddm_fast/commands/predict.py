@@ -28,6 +28,7 @@ OUTPUT_SUFFIXES = ("_seg", "_prob", "_var")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from patchddm_fast.commands.sample import add_memory_budget_flag
     from patchddm_fast.io.layouts import LAYOUTS
 
     p = sub.add_parser(
@@ -56,6 +57,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out (never inputs)")
     p.add_argument("--figures", action="store_true", help="also write <case>_prediction.png (FLAIR, mean, variance)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
+    add_memory_budget_flag(p)
     return p
 
 
@@ -113,7 +115,7 @@ def _fmt_seconds(s: float) -> str:
 def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ensemble: int, steps: int, seed: int,
                  threshold: float = 0.5, already_normalised: bool = False, image_channels: int = 4,
                  device: str = "cpu", progress: bool = True, figures: bool = False,
-                 segment_fn: Optional[Callable] = None) -> Dict[str, Any]:
+                 segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record."""
     import torch
 
@@ -128,7 +130,8 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
     prep = preprocess_case(loaded, pre, already_normalised)
     image = torch.from_numpy(prep.image).to(device)
     res = segment_fn(model, diffusion, image, method=method, ensemble=ensemble, steps=steps, seed=seed,
-                     threshold=threshold, progress=progress, desc=case.case_id)
+                     threshold=threshold, progress=progress, desc=case.case_id,
+                     **({"memory_budget": memory_budget} if memory_budget else {}))
     box = prep.box
     mean = box.invert(res.mean.detach().float().cpu().numpy())
     var = box.invert(res.var.detach().float().cpu().numpy())
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
                            seed=args.seed, threshold=args.threshold, already_normalised=normalised,
                            image_channels=int(cfg.get("image_channels", 4)), device=device,
-                           progress=not args.quiet, figures=args.figures)
+                           progress=not args.quiet, figures=args.figures, memory_budget=args.memory_budget)
         records.append(rec)
         if not args.quiet:
             elapsed = time.perf_counter() - t0

@@ -11,6 +11,12 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps per sample (about 20 match 1000)")
     p.add_argument("--sampling-seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_memory_budget_flag(p)
+
+
+def add_memory_budget_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="GPU memory to stay within, e.g. 8GB: the planner picks precision, skip offload and tiling")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     multiple = model.size_multiple * (2 if config.method == "halfres" else 1)
     _, val_cases = load_cases(config, multiple)
     metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
-                             steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet)
+                             steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
+                             memory_budget=args.memory_budget)
     print(format_table(metrics))
     return 0

@@ -17,10 +17,11 @@ offloaded (prefetch hides the transfers) < tiled < tiled with skips offloaded.  
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from patchddm_fast.memory import allocator
 from patchddm_fast.memory.report import MemoryReport, fmt_bytes
@@ -202,3 +203,36 @@ def oom_advice(exc: BaseException, preset: str, mode: str, gpu_memory: Union[str
                 f"{fmt_bytes(p.predicted_process_bytes)} including allocator cache and CUDA context.")
     return (f"Out of memory ({first}).\nNo engine setting fits {preset} {mode} into {fmt_bytes(p.gpu_memory_bytes)}; "
             f"the most frugal ({p.settings}) needs about {fmt_bytes(p.predicted_process_bytes)}.")
+
+
+def planner_arch(arch: Dict[str, Any]) -> Dict[str, Any]:
+    """A network's architecture (UNet3D arguments, e.g. ``model.config``) as the planner's
+    ``model_kwargs``: hashable, so simulations of the same network are cached once."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+
+
+@contextlib.contextmanager
+def planned_inference(model: Any, gpu_memory: Union[str, int, float], method: str, size: int) -> Iterator[Tuple[Plan, Any]]:
+    """Run a UNet3D's inference with the settings the planner picks for ``gpu_memory``.
+
+    Plans one network evaluation of ``model``'s own architecture on a cubic input of edge
+    ``size``, installs the chosen ops and offload/tiling on the model for the duration of
+    the block (restoring them afterwards) and yields ``(plan, autocast)``, the latter the
+    chosen precision's autocast context for each evaluation.  Raises ``RuntimeError`` with
+    the planner's explanation when nothing fits.
+    """
+    from patchddm_fast.memory.offload import configure
+    from patchddm_fast.precision import resolve_precision
+
+    p = plan(gpu_memory, preset=method, mode="sample", size=size, model_kwargs=planner_arch(model.config))
+    if not p.fits:
+        raise RuntimeError(p.format_text())
+    device = next(model.parameters()).device
+    old_ops, old_offload = model.ops, model.offload
+    model.set_ops(p.settings["ops"])
+    configure(model, offload=p.settings["offload"], tiled=p.settings["tiled"])
+    try:
+        yield p, resolve_precision(p.settings["precision"], device).autocast()
+    finally:
+        model.set_ops(old_ops)
+        model.set_offload(old_offload)

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from patchddm_fast.nn import cpu_conv
+
 OPS_BACKENDS = ("reference", "fused")
 
 
@@ -67,45 +69,23 @@ def average_skip(ops: str, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return reference_average_skip(h, skip)
 
 
-class _OneDnnConv3d(torch.autograd.Function):
-    """3D convolution whose *forward* runs oneDNN directly; backward is PyTorch's own.
-
-    On the CPU builds we ship against, ``F.conv3d`` picks the im2col ``slow_conv3d`` path
-    for fp32 volumes, which is 3-25x slower in the forward than the oneDNN kernel the same
-    build contains (see BENCHMARKS.md).  oneDNN's backward is not faster on these shapes,
-    so the backward stays ``aten.convolution_backward``, the function PyTorch itself uses;
-    saved tensors are the same as ``F.conv3d``'s (input and weight).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding, bias is not None)
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, has_bias = ctx.conf
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, [1, 1, 1], False,
-            [0, 0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]],
-        )
-        return dx, dw, db, None, None
-
-
-def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    )
-
-
 def conv3d(ops: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding) -> torch.Tensor:
-    """Conv3d (groups=1, dilation=1): the engine uses oneDNN's forward on CPU, else ``F.conv3d``."""
-    if ops == "fused" and _onednn_usable(x, weight):
-        return _OneDnnConv3d.apply(x, weight, bias, list(stride), list(padding))
+    """Conv3d (groups=1, dilation=1): the engine runs oneDNN in both directions on CPU
+    (:mod:`patchddm_fast.nn.cpu_conv`), else ``F.conv3d``."""
+    if ops == "fused" and cpu_conv.onednn_usable(x, weight):
+        return cpu_conv.conv3d(x, weight, bias, stride, padding)
     return F.conv3d(x, weight, bias, stride, padding)
+
+
+def conv3d_backward(ops: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride,
+                    padding, need_x: bool, need_w: bool, need_b: bool):
+    """(grad_x, grad_weight, grad_bias) of :func:`conv3d`, by the same backend its forward uses:
+    for callers that run a convolution's backward themselves (selective recompute)."""
+    if ops == "fused" and cpu_conv.onednn_usable(x, weight):
+        return cpu_conv.conv3d_backward(grad, x, weight, stride, padding, need_x, need_w, need_b and has_bias)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding), [1, 1, 1], False,
+        [0, 0, 0], 1, [need_x, need_w, need_b and has_bias])
 
 
 class Conv3d(torch.nn.Conv3d):

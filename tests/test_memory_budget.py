@@ -1,0 +1,80 @@
+"""A memory budget reaches what runs: the Trainer and the sampler use the planner's choice.
+
+Budgets are set between what two candidate settings need in the simulator (the planner's
+own steady-state simulation), so the planner is forced past the cheapest setting, and the
+test checks that the network then really runs with the frugal setting -- and, for
+sampling, that the answer is the same as without a budget.
+"""
+import pytest
+import torch
+
+from patchddm_fast import Trainer
+from patchddm_fast.diffusion import Diffusion
+from patchddm_fast.memory import simulate
+from patchddm_fast.memory.planner import DEFAULT_HEADROOM, planner_arch
+from patchddm_fast.nn.unet import ResBlock, UNet3D
+from patchddm_fast.sampling import segment_volume
+from test_trainer import TINY_MODEL, random_cases, tiny_config
+
+
+def _process_bytes(mode, size, arch, **knobs):
+    r = simulate("patchddm", mode, size=size, precision="auto", steps=1, warm_start=mode == "train",
+                 model_kwargs=arch, **knobs)
+    return r.peak_reserved_bytes + r.cuda_context_bytes
+
+
+def _budget_between(cheap, frugal):
+    """A budget the frugal setting fits (with the planner's headroom) and the cheap one does not."""
+    assert frugal < cheap, "the simulator should rank these settings"
+    return int((cheap + frugal) / 2 / (1 - DEFAULT_HEADROOM))
+
+
+def test_trainer_runs_what_the_planner_chose(tmp_path):
+    size = 64
+    config = tiny_config(tmp_path, patch_size=size, steps=1, ckpt_every=0)
+    arch = planner_arch(config.model)
+    budget = _budget_between(_process_bytes("train", size, arch, checkpoint="none"),
+                             _process_bytes("train", size, arch, checkpoint="selective"))
+    trainer = Trainer(config, memory_budget=budget, train_cases=random_cases(1, size=size), val_cases=[])
+    plan = trainer.memory_plan
+    assert plan.fits and plan.predicted_process_bytes <= budget
+    assert plan.settings["checkpoint"] != "none"
+    assert trainer.config.checkpoint == plan.settings["checkpoint"]
+    assert trainer.config.patch_size == size
+    blocks = [m for m in trainer.model.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(b.recompute != "none" for b in blocks)
+    assert len(trainer.fit()["losses"]) == 1
+
+
+def test_trainer_refuses_a_budget_nothing_fits(tmp_path):
+    with pytest.raises(RuntimeError, match="nothing fits"):
+        Trainer(tiny_config(tmp_path, patch_size=16), memory_budget="500MB", train_cases=random_cases(1, 16))
+
+
+def test_sampler_with_a_tight_budget_offloads_and_gives_the_same_result():
+    size = 128  # below this the tiny network's skips fit in the allocator's rounding
+    torch.manual_seed(0)
+    model = UNet3D(in_channels=8, **TINY_MODEL)
+    for p in model.parameters():  # non-zero output convolutions: a real denoiser's numbers
+        torch.nn.init.normal_(p, std=0.05)
+    arch = planner_arch(model.config)
+    plain_bytes = _process_bytes("sample", size, arch)
+    skips_bytes = _process_bytes("sample", size, arch, offload="skips")
+    budget = _budget_between(plain_bytes, skips_bytes)
+    image = torch.rand(4, size, size, size, generator=torch.Generator().manual_seed(1))
+    diffusion = Diffusion()
+    kw = dict(method="patchddm", ensemble=1, steps=2, seed=3, progress=False)
+    reference = segment_volume(model, diffusion, image, **kw)
+    seen = []
+    original_forward = model.forward
+
+    def spy(x, t):  # record what the network runs with during the budgeted sampling
+        seen.append(model.offload)
+        return original_forward(x, t)
+
+    model.forward = spy
+    budgeted = segment_volume(model, diffusion, image, memory_budget=budget, **kw)
+    model.forward = original_forward
+    assert seen and all(h is not None and h.mode == "skips" for h in seen)
+    assert model.offload is None and model.ops == "reference"  # restored afterwards
+    torch.testing.assert_close(budgeted.mean, reference.mean, rtol=1e-4, atol=1e-4)
