@@ -47,6 +47,8 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay (paper: 0)", default=0.0)
     betas: Tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
     adam_eps: float = _help("AdamW epsilon", default=1e-8)
+    lr_schedule: str = _help("learning-rate schedule: constant (paper) or cosine (decay to 0 at the last step)", default="constant")
+    warmup_steps: int = _help("linear learning-rate warm-up over the first N steps (0: none)", default=0)
     grad_clip: Optional[float] = _help("clip the gradient norm to this value (off when unset)", default=None)
     precision: str = _help("auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16", default="auto")
     ops: str = _help("reference (plain PyTorch, the paper's) or fused (custom Triton/C++ ops)", default="reference")

@@ -28,6 +28,25 @@ from patchddm_fast.metrics import dice
 from patchddm_fast.sampling import flush_denormals_on_cpu, segment_volume
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(base: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``.
+
+    A pure function of the step, so a resumed run follows the same schedule exactly.
+    ``cosine`` decays from ``base`` to 0 at the last step (after the warm-up).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup + 1:
+        return base
+    progress = (step - warmup) / (total - warmup - 1)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +99,7 @@ class Trainer:
             self.model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
             weight_decay=config.weight_decay,
         )
+        learning_rate(config.lr, 0, config.steps, config.lr_schedule, config.warmup_steps)  # bad names fail here
         from patchddm_fast.precision import resolve_precision
 
         self.precision = resolve_precision(config.precision, self.device)
@@ -159,6 +179,10 @@ class Trainer:
         if self.config.grad_clip:
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        lr = learning_rate(self.config.lr, self.step, self.config.steps, self.config.lr_schedule,
+                           self.config.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         scaler.step(self.optimizer)
         scaler.update()
         self.step += 1

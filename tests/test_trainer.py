@@ -103,3 +103,40 @@ def test_paper_defaults():
     c = TrainConfig()
     assert (c.lr, c.weight_decay, c.batch_size, c.patch_size) == (1e-5, 0.0, 1, 128)
     assert c.diffusion == dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_x0=True)
+
+
+def test_resume_after_a_crash_follows_the_cosine_schedule_exactly(tmp_path):
+    """A run killed mid-way (after its step-3 checkpoint) and resumed with the same config gives
+    the uninterrupted run's losses: the learning rate is a function of the step alone."""
+    cases = random_cases(2)
+    kw = dict(lr_schedule="cosine", warmup_steps=2)
+    full = Trainer(tiny_config(tmp_path / "a", **kw), train_cases=cases, val_cases=[]).fit()["losses"]
+
+    crashing = Trainer(tiny_config(tmp_path / "b", **kw), train_cases=cases, val_cases=[])
+    real_step = crashing.train_step
+
+    def step_then_crash(sampler):
+        if crashing.step == 4:
+            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
+        return real_step(sampler)
+
+    crashing.train_step = step_then_crash
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    resumed = Trainer(tiny_config(tmp_path / "b", **kw), train_cases=cases, val_cases=[]).fit()["losses"]
+    assert resumed == full and len(full) == 6
+
+
+def test_learning_rate_schedules_in_closed_form():
+    import math
+
+    from patchddm_fast.trainer import learning_rate
+
+    assert [learning_rate(1.0, s, 10) for s in range(10)] == [1.0] * 10
+    assert [learning_rate(1.0, s, 10, "constant", warmup=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = [learning_rate(2.0, s, 7, "cosine", warmup=2) for s in range(7)]
+    assert cos[:2] == [1.0, 2.0]
+    expected = [2.0 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 7)]
+    assert cos[2:] == pytest.approx(expected, abs=1e-12) and cos[-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        learning_rate(1.0, 0, 10, "linear")

@@ -3,6 +3,12 @@
 Trains a small PatchDDM (the paper's architecture, narrower and with fewer levels) on
 coordinate-encoded patches of synthetic BraTS-like volumes, then samples whole held-out
 volumes with a DDIM ensemble and writes metrics.json, NIfTI files and PNG montages.
+
+Two departures from the paper's recipe make a CPU budget of minutes enough, both measured
+(BENCHMARKS.md): the network predicts v instead of eps, and the learning rate follows a
+cosine decay.  With the paper's eps-prediction the same 2,500 steps reach an ensemble Dice
+near 0: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies a briefly trained network's
+error up to 156x at high noise levels, so every DDIM trajectory starts from noise.
 """
 from __future__ import annotations
 
@@ -12,17 +18,21 @@ import time
 from pathlib import Path
 
 from patchddm_fast.commands.sample import add_sampling_flags
+from patchddm_fast.config import PAPER_DIFFUSION
 
 DEMO_CONFIG = dict(
     method="patchddm",
-    ops="fused",  # our custom ops (C++ GroupNorm-SiLU, oneDNN conv forward on CPU): ~30% faster per step
+    ops="fused",  # our custom ops (C++ GroupNorm-SiLU, oneDNN convolutions on CPU): ~6x faster per step
+    diffusion=dict(PAPER_DIFFUSION, prediction="v"),
     model=dict(base_width=16, channel_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=8),
     phantom_size=64,
     phantom_train=24,
     phantom_val=4,
     patch_size=32,
-    steps=1500,
+    steps=2500,
     lr=1e-3,
+    lr_schedule="cosine",
+    warmup_steps=50,
     ckpt_every=250,
     log_every=25,
     val_every=0,
@@ -49,6 +59,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.data.sources import load_cases
     from patchddm_fast.showcase import evaluate_cases, format_table
     from patchddm_fast.trainer import Trainer
 
@@ -56,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
     config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases,
                   out_dir=str(out / "run"), progress=not args.quiet, device="cpu")
     t0 = time.perf_counter()
-    trainer = Trainer(config)
+    size_multiple = 2 ** (len(DEMO_CONFIG["model"]["channel_mult"]) - 1)  # the network's downsamplings
+    train_cases, val_cases = load_cases(TrainConfig.from_dict(config), size_multiple)
+    # The held-out cases are scored once, below, with the ensemble (not also by fit's validation).
+    trainer = Trainer(config, train_cases=train_cases, val_cases=[])
     trainer.fit()
     train_s = time.perf_counter() - t0
-    _, val_cases = trainer._load_cases()
     metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
                              ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
                              progress=not args.quiet, memory_budget=args.memory_budget)
