@@ -19,7 +19,7 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 RESULTS_DIR = Path(__file__).parent / "results"
-_RESULTS: Dict[str, List[Dict[str, Any]]] = {"memory": [], "speed": [], "gpu": []}
+_RESULTS: Dict[str, List[Dict[str, Any]]] = {"memory": [], "speed": [], "conv": [], "gpu": []}
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,15 @@ def _speed_markdown(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         out.append(f"| {r['workload']} | {r['paper_s']:.2f} s | {r['engine_s']:.2f} s | {r['engine_settings']} | "
                    f"{r['ratio']:.2f} | <= {r['target']:.1f} ({'met' if r['ratio'] <= r['target'] else 'NOT met'}) |")
+    return "\n".join(out) + "\n"
+
+
+def _conv_markdown(rows: List[Dict[str, Any]]) -> str:
+    out = ["\n**CPU 3D convolution, forward + backward, fp32, batch 1** (median of rounds)\n",
+           "| shape | PyTorch takes slow_conv3d | PyTorch | engine | speed-up |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {'yes' if r['slow_path'] else 'no'} | {1e3 * r['pytorch_s']:.1f} ms | "
+                   f"{1e3 * r['engine_s']:.1f} ms | {r['pytorch_s'] / r['engine_s']:.2f}x |")
     return "\n".join(out) + "\n"
 
 
@@ -60,6 +69,8 @@ def _report_text() -> str:
         parts.append(explanation(_RESULTS["memory"]))
     if _RESULTS["speed"]:
         parts.append(_speed_markdown(_RESULTS["speed"]))
+    if _RESULTS["conv"]:
+        parts.append(_conv_markdown(_RESULTS["conv"]))
     if _RESULTS["gpu"]:
         parts.append(_gpu_markdown(_RESULTS["gpu"]))
     return "\n".join(parts)

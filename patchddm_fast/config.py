@@ -27,7 +27,7 @@ def _help(text: str, **kw):
 class TrainConfig:
     method: str = _help("patchddm (coordinate-encoded patches), halfres (stride-2 decimated volume) or fullres (whole volume)", default="patchddm")
     model: Dict[str, Any] = _help("network architecture (UNet3D arguments; the paper's by default)", default_factory=lambda: dict(PAPER_ARCH))
-    diffusion: Dict[str, Any] = _help("diffusion schedule (T, linear beta range)", default_factory=lambda: dict(PAPER_DIFFUSION))
+    diffusion: Dict[str, Any] = _help("diffusion schedule (T, linear beta range), x0 clamping and what the network predicts: prediction eps (paper), v or x0", default_factory=lambda: dict(PAPER_DIFFUSION))
     data: str = _help("'phantom' for built-in synthetic BraTS-like cases, or a dataset folder (BraTS / nnU-Net / preprocessed)", default="phantom")
     layout: str = _help("dataset layout: auto, brats2020, brats2023, nnunet or patchddm-preprocessed", default="auto")
     split: Optional[str] = _help("split: a JSON file, a named split (brats2020-reference) or unset for a seeded random split", default=None)

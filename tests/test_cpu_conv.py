@@ -18,7 +18,11 @@ CASES = [  # (cin, cout, kernel, stride, padding, size)
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("cin,cout,k,stride,pad,size", CASES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_conv3d_matches_float64_autograd(cin, cout, k, stride, pad, size, bias):
+@pytest.mark.parametrize("backward", ["as-forward-convolutions", "pytorch"])
+def test_onednn_conv3d_matches_float64_autograd(cin, cout, k, stride, pad, size, bias, backward, monkeypatch):
+    # Force the backward path (the real choice depends on PyTorch's size heuristic).
+    monkeypatch.setattr(cpu_conv, "SMALL_NUMEL", 0)
+    monkeypatch.setattr(cpu_conv, "aten_takes_slow_path", lambda x, w: backward == "as-forward-convolutions")
     g = torch.Generator().manual_seed(hash((cin, cout, k, stride, size, bias)) % 2**31)
     x = torch.randn(2, cin, *size, generator=g)
     w = torch.randn(cout, cin, k, k, k, generator=g) * 0.3
@@ -44,6 +48,13 @@ def test_onednn_conv3d_matches_float64_autograd(cin, cout, k, stride, pad, size,
     assert rel(wf.grad, w64.grad) < 1e-5
     if bias:
         assert rel(bf.grad, b64.grad) < 1e-5
+
+
+def test_slow_path_test_follows_pytorchs_heuristic():
+    w3 = torch.zeros(4, 16, 3, 3, 3)
+    assert cpu_conv.aten_takes_slow_path(torch.zeros(1, 16, 32, 32, 32), w3)      # 16*32*32 = 16384
+    assert not cpu_conv.aten_takes_slow_path(torch.zeros(1, 29, 64, 64, 64), w3)  # 118784 > 20480
+    assert not cpu_conv.aten_takes_slow_path(torch.zeros(2, 16, 8, 8, 8), w3)     # batches take oneDNN
 
 
 def test_fp16_or_gpu_tensors_are_not_routed_to_onednn():

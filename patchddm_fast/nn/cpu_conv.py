@@ -1,10 +1,14 @@
 """3D convolution on the CPU with oneDNN in both directions.
 
-On the CPU builds we ship against, ``F.conv3d`` on fp32 volumes takes the im2col
-``slow_conv3d`` path: its forward is 3-25x and its backward 8-16x slower than oneDNN's
-direct convolution that the same build contains (BENCHMARKS.md).  oneDNN's own backward is
-not exposed to Python, but both gradients of a convolution *are* convolutions, so the
-backward here runs them through the same fast forward kernel:
+PyTorch's CPU convolution picks oneDNN only where its heuristic expects it to win; for a
+batch of one whose ``N * C * D * H`` is at most 20,480 (e.g. 16 channels at 32^3 -- the
+demo's and any small patch's shapes) it takes the im2col ``slow_conv3d`` path, whose
+forward is 3-25x and whose backward 8-16x slower than oneDNN's direct convolution in the
+same build (BENCHMARKS.md).  The forward here always calls oneDNN.  oneDNN's backward is not
+exposed to Python, but both gradients of a convolution *are* convolutions, so where PyTorch
+would take the slow path the backward runs them through the fast forward kernel (elsewhere
+``convolution_backward`` already runs oneDNN's own backward, which is faster than these
+reformulations at large shapes):
 
 * grad input: the output gradient, zero-dilated by the stride (and zero-padded by the
   rounding remainder of the forward), convolved with the spatially flipped, in/out-swapped
@@ -24,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 _ONE = [1, 1, 1]
+# Below this many input elements either path takes microseconds; PyTorch's is kept.
+SMALL_NUMEL = 1 << 15
 
 
 def onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -64,9 +70,20 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], stri
     return out[:, :, : kernel[0], : kernel[1], : kernel[2]].transpose(0, 1)
 
 
+def aten_takes_slow_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """PyTorch's own test (``ConvParams::use_mkldnn``, fp32 CPU, groups 1) for *not* using
+    oneDNN: a single sample, kernel at most 3 wide, and N * C * D * H <= 20,480."""
+    n, c, d, h = x.shape[:4]
+    return n == 1 and weight.shape[-1] <= 3 and weight.shape[-2] <= 3 and n * c * d * h <= 20480
+
+
 def conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                     padding: Sequence[int], need_x: bool, need_w: bool, need_b: bool):
     """(grad_x, grad_weight, grad_bias) of a bias-carrying conv3d, each None where not needed."""
+    if not aten_takes_slow_path(x, weight) or x.numel() < SMALL_NUMEL:
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if need_b else None, list(stride), list(padding), _ONE, False,
+            [0, 0, 0], 1, [need_x, need_w, need_b])
     grad = grad.contiguous()
     dx = grad_input(grad, weight, x.shape, stride, padding) if need_x else None
     dw = grad_weight(grad, x, weight.shape[2:], stride, padding) if need_w else None
