@@ -105,12 +105,17 @@ def segment_volume(
     samples = []
     bar = tqdm(total=ensemble * steps, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
     try:
-        with planned as (_, planned_autocast):
-            ctx = autocast if autocast is not None else (planned_autocast or contextlib.nullcontext())
+        with planned as (_, precision):
+            ctx, net_cond = autocast, cond
+            if autocast is None and precision is not None:
+                # Hold the conditioning in the compute dtype, as the planner's simulation does: under
+                # autocast the first convolution casts its input to that dtype anyway (bit-identical).
+                ctx, net_cond = precision.autocast(), cond.to(precision.dtype)
+            ctx = ctx if ctx is not None else contextlib.nullcontext()
 
             def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 with ctx:
-                    return model(network_input(cond, x_t), t).float()
+                    return model(network_input(net_cond, x_t.to(net_cond.dtype)), t).float()
 
             for member in range(ensemble):
                 bar.set_postfix(sample=f"{member + 1}/{ensemble}")

@@ -57,6 +57,8 @@ def test_slow_path_test_follows_pytorchs_heuristic():
     assert not cpu_conv.aten_takes_slow_path(torch.zeros(2, 16, 8, 8, 8), w3)     # batches take oneDNN
 
 
-def test_fp16_or_gpu_tensors_are_not_routed_to_onednn():
+def test_fp16_gpu_or_autocast_tensors_are_not_routed_to_onednn():
     assert not cpu_conv.onednn_usable(torch.zeros(1, dtype=torch.float16), torch.zeros(1))
     assert not cpu_conv.onednn_usable(torch.zeros(1, device="meta"), torch.zeros(1, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must see F.conv3d to lower its precision
+        assert not cpu_conv.onednn_usable(torch.zeros(1), torch.zeros(1))

@@ -78,3 +78,27 @@ def test_sampler_with_a_tight_budget_offloads_and_gives_the_same_result():
     assert seen and all(h is not None and h.mode == "skips" for h in seen)
     assert model.offload is None and model.ops == "reference"  # restored afterwards
     torch.testing.assert_close(budgeted.mean, reference.mean, rtol=1e-4, atol=1e-4)
+
+
+def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identically(monkeypatch):
+    """With a bf16 plan the sampler keeps the conditioning in bf16 (what the simulator counts);
+    under autocast the first convolution rounds its input to bf16 anyway, so the samples equal
+    those of fp32 conditioning under the same autocast, bit for bit."""
+    import patchddm_fast.precision as precision_module
+    from patchddm_fast.precision import NoScaler, Precision
+
+    monkeypatch.setattr(precision_module, "resolve_precision",
+                        lambda name, device: Precision("bf16", torch.device("cpu"), NoScaler()))
+    torch.manual_seed(0)
+    model = UNet3D(in_channels=8, **TINY_MODEL)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    image = torch.rand(4, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(method="patchddm", ensemble=1, steps=2, seed=3, progress=False)
+    inputs = []
+    model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].dtype))
+    planned = segment_volume(model, Diffusion(), image, memory_budget="80GB", **kw)
+    assert inputs and set(inputs) == {torch.bfloat16}
+    model.set_ops("fused")  # what the plan ran with
+    fp32_cond = segment_volume(model, Diffusion(), image, autocast=torch.autocast("cpu", dtype=torch.bfloat16), **kw)
+    assert torch.equal(planned.mean, fp32_cond.mean)

@@ -217,9 +217,10 @@ def planned_inference(model: Any, gpu_memory: Union[str, int, float], method: st
 
     Plans one network evaluation of ``model``'s own architecture on a cubic input of edge
     ``size``, installs the chosen ops and offload/tiling on the model for the duration of
-    the block (restoring them afterwards) and yields ``(plan, autocast)``, the latter the
-    chosen precision's autocast context for each evaluation.  Raises ``RuntimeError`` with
-    the planner's explanation when nothing fits.
+    the block (restoring them afterwards) and yields ``(plan, precision)``, the chosen
+    :class:`~patchddm_fast.precision.Precision` (its ``autocast()`` wraps each evaluation;
+    the simulator holds the conditioning in its ``dtype``, so the caller should too).
+    Raises ``RuntimeError`` with the planner's explanation when nothing fits.
     """
     from patchddm_fast.memory.offload import configure
     from patchddm_fast.precision import resolve_precision
@@ -232,7 +233,7 @@ def planned_inference(model: Any, gpu_memory: Union[str, int, float], method: st
     model.set_ops(p.settings["ops"])
     configure(model, offload=p.settings["offload"], tiled=p.settings["tiled"])
     try:
-        yield p, resolve_precision(p.settings["precision"], device).autocast()
+        yield p, resolve_precision(p.settings["precision"], device)
     finally:
         model.set_ops(old_ops)
         model.set_offload(old_offload)

@@ -33,10 +33,12 @@ SMALL_NUMEL = 1 << 15
 
 
 def onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """fp32 CPU tensors with oneDNN available and enabled (``torch.backends.mkldnn``)."""
+    """fp32 CPU tensors with oneDNN available and enabled (``torch.backends.mkldnn``), outside
+    CPU autocast (which must see ``F.conv3d`` to run it in its lower precision)."""
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
     )
 
 
