@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ["demo", "train", "sample", "preprocess", "predict", "evaluate", "kernels"]
+COMMANDS = ["demo", "train", "sample", "preprocess", "predict", "evaluate", "kernels", "memory", "plan", "profile"]
 
 
 def build_parser() -> argparse.ArgumentParser:

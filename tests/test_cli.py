@@ -17,6 +17,24 @@ def test_every_command_has_help(command, capsys):
     assert "usage: patchddm" in out and len(out) > 200
 
 
+def test_every_command_module_is_registered():
+    """Each module in patchddm_fast/commands is reachable from the installed `patchddm`."""
+    from pathlib import Path
+
+    import patchddm_fast.commands as commands
+
+    modules = {p.stem for p in Path(commands.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    assert modules == set(COMMANDS)
+
+
+def test_memory_and_plan_through_the_cli(capsys):
+    assert main(["memory", "--preset", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == 64 and report["peak_allocated_bytes"] > 0
+    assert main(["plan", "--gpu-memory", "40GB", "--preset", "halfres", "--mode", "sample", "--size", "64"]) == 0
+    assert "settings:" in capsys.readouterr().out
+
+
 def test_train_flags_cover_config():
     from patchddm_fast.commands.train import config_from_args
 
