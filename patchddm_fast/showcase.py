@@ -31,12 +31,14 @@ def write_nifti(array: np.ndarray, path: Path, affine=None) -> None:
 
 
 def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Mean/median/std of Dice and finite HD95 over cases, with counts of the excluded ones."""
+    """Means of Dice and finite HD95 over cases, with the count of cases whose HD95 is infinite
+    (an empty prediction or ground truth).  ``dice`` and ``hd95`` are always present; a mean
+    over no finite value is None (JSON null), never NaN."""
     out: Dict[str, Any] = {}
     for key in ("dice", "hd95", "dice_single_sample"):
         vals = [r[key] for r in records if r.get(key) is not None]
-        if vals:
-            out[key] = float(np.mean(vals))
+        if vals or key in ("dice", "hd95"):
+            out[key] = float(np.mean(vals)) if vals else None
     out["n_cases"] = len(records)
     out["n_hd95_infinite"] = sum(1 for r in records if r.get("hd95") is None)
     return out
@@ -44,7 +46,7 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
                    steps: int, seed: int, progress: bool = True, figures: bool = True,
-                   memory_budget: Optional[str] = None) -> Dict[str, Any]:
+                   memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5) -> Dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -52,10 +54,10 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
         image, label = read_whole(case)
         res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
                              seed=seed, progress=progress, desc=case.case_id, keep_samples=True,
-                             memory_budget=memory_budget)
+                             memory_budget=memory_budget, eta=eta, threshold=threshold)
         gt = label.numpy()
         pred = res.mask.numpy()
-        single = (res.samples[0] > 0.5).numpy()
+        single = (res.samples[0] > threshold).numpy()
         records.append(dict(case=case.case_id, dice=dice(pred, gt), hd95=_finite_or_none(hd95(pred, gt)),
                             dice_single_sample=dice(single, gt), tumour_voxels=int(gt.sum()),
                             predicted_voxels=int(pred.sum())))
@@ -82,6 +84,10 @@ def format_table(metrics: Dict[str, Any]) -> str:
         h = "inf" if r["hd95"] is None else f"{r['hd95']:.2f}"
         lines.append(f"| {r['case']} | {r['dice']:.4f} | {r['dice_single_sample']:.4f} | {h} |")
     m = metrics["mean"]
-    lines.append(f"| **mean** | {m.get('dice', float('nan')):.4f} | {m.get('dice_single_sample', float('nan')):.4f} | "
-                 f"{m.get('hd95', float('nan')):.2f} |")
+
+    def cell(key: str, fmt: str, missing: str = "n/a") -> str:
+        return missing if m.get(key) is None else format(m[key], fmt)
+
+    lines.append(f"| **mean** | {cell('dice', '.4f')} | {cell('dice_single_sample', '.4f')} | "
+                 f"{cell('hd95', '.2f', 'inf (every case)')} |")
     return "\n".join(lines)

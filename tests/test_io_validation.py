@@ -117,6 +117,21 @@ def test_truncated_gzip(case_dir):
     assert f"{CID}_flair.nii.gz" in msg and "truncated or corrupt" in msg
 
 
+@pytest.mark.parametrize("damage", ["last 4 bytes cut", "one bit flipped in the data"])
+def test_damage_nibabel_would_read_silently(case_dir, damage):
+    """nibabel stops reading where the header's voxels end: the gzip trailer (CRC-32, length)
+    must be checked too, or damaged files become silently wrong voxels."""
+    path = _file(case_dir, "t1ce")
+    raw = bytearray(path.read_bytes())
+    if damage == "last 4 bytes cut":
+        raw = raw[:-4]
+    else:
+        raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    msg = _error(case_dir)
+    assert f"{CID}_t1ce.nii.gz" in msg and "truncated or corrupt" in msg
+
+
 def test_corrupt_file(case_dir):
     _file(case_dir, "t1").write_bytes(gzip.compress(b"this is not a nifti header" * 20))
     msg = _error(case_dir)

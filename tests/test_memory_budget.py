@@ -52,7 +52,7 @@ def test_trainer_refuses_a_budget_nothing_fits(tmp_path):
 
 
 def test_sampler_with_a_tight_budget_offloads_and_gives_the_same_result():
-    size = 128  # below this the tiny network's skips fit in the allocator's rounding
+    size = 160  # below this the tiny network's skips fit in the allocator's rounding
     torch.manual_seed(0)
     model = UNet3D(in_channels=8, **TINY_MODEL)
     for p in model.parameters():  # non-zero output convolutions: a real denoiser's numbers
@@ -102,3 +102,24 @@ def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identica
     model.set_ops("fused")  # what the plan ran with
     fp32_cond = segment_volume(model, Diffusion(), image, autocast=torch.autocast("cpu", dtype=torch.bfloat16), **kw)
     assert torch.equal(planned.mean, fp32_cond.mean)
+
+
+def _raise_oom(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_in_sampling_is_answered_with_the_planners_advice(monkeypatch):
+    model = UNet3D(in_channels=8, **TINY_MODEL)
+    monkeypatch.setattr(model, "forward", _raise_oom)
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as exc:
+        segment_volume(model, Diffusion(), torch.rand(4, 8, 8, 8), method="patchddm", ensemble=1, steps=1,
+                       progress=False)
+    assert "patchddm plan --gpu-memory" in str(exc.value)  # no GPU here: the planner command to run
+
+
+def test_out_of_memory_in_training_is_answered_with_the_planners_advice(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, patch_size=8), train_cases=random_cases(1), val_cases=[])
+    monkeypatch.setattr(trainer.model, "forward", _raise_oom)
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as exc:
+        trainer.fit()
+    assert "patchddm plan --gpu-memory" in str(exc.value)

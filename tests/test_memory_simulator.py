@@ -161,3 +161,16 @@ def test_profile_workload_runs_on_cpu(mode):
     _run_workload(mode, model, resolve_precision("fp32", "cpu"), recipe_settings("engine", mode, precision="fp32"),
                   5, 16, 1, 2, 2, torch.device("cpu"), torch.Generator().manual_seed(0), times)
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+@pytest.mark.parametrize("preset,mode,size,over,limit_gb", [
+    ("patchddm", "train", 128, dict(), 2.0),                              # engine default: block checkpointing
+    ("fullres", "train", 256, dict(checkpoint="level"), 12.0),
+    ("patchddm", "sample", 256, dict(), 6.0),
+    ("patchddm", "sample", 256, dict(offload="skips", tiled=True), 3.0),
+], ids=["patchddm-train-128", "fullres-train-256-level", "sample-256", "sample-256-offload"])
+def test_issue_targets_on_the_papers_network(preset, mode, size, over, limit_gb):
+    """The engine's simulated live-tensor peaks meet the project's targets (BENCHMARKS.md)."""
+    r = simulate(preset, mode, size=size, **over)
+    assert r.totals["weights"] == (24_260_299 if preset == "patchddm" else 24_257_950) * 4
+    assert r.peak_allocated_bytes <= limit_gb * 1e9, r.peak_allocated_bytes / 1e9

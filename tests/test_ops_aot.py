@@ -33,7 +33,7 @@ def _parse(argv):
 def report():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = kernels_cmd.run(_parse(["--json", "--dtypes", "fp16", "--quiet"]))
+        rc = kernels_cmd.run(_parse(["--json", "--quiet"]))  # every dtype and layout variant
     return rc, json.loads(out.getvalue())
 
 
@@ -46,8 +46,9 @@ def test_every_kernel_compiles_for_all_four_archs(report):
         assert set(r) >= {"name", "arch", "registers", "spills", "shared_bytes"}
         by_name.setdefault(r["name"], set()).add(r["arch"])
     assert all(archs == ARCHS for archs in by_name.values())
-    assert set(by_name) == {v.name for v in aot.all_variants(("fp16",))}
-    assert any("[fp16,cl," in n for n in by_name) and any("[fp16,cf," in n for n in by_name)
+    assert set(by_name) == {v.name for v in aot.all_variants()}
+    for dt in ("fp32", "fp16", "bf16"):
+        assert any(f"[{dt},cl," in n for n in by_name) and any(f"[{dt},cf," in n for n in by_name)
 
 
 def test_no_spills_and_plausible_resources(report):

@@ -12,6 +12,8 @@ fp32 statistics.  The activated tensor is the convolution's input, which both ke
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,20 @@ from patchddm_fast import ops
 from patchddm_fast.nn import backend
 
 N, C, GROUPS, SPATIAL = 1, 6, 2, (4, 5, 6)
+
+
+def _counting_hooks(params):
+    """(storages, hooks): the hooks record every saved tensor's storage bytes, parameters excluded."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    return storages, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def _saved_bytes(ops_name: str, dtype: torch.dtype) -> tuple[int, int]:
@@ -34,16 +50,8 @@ def _saved_bytes(ops_name: str, dtype: torch.dtype) -> tuple[int, int]:
         p.requires_grad_(True)
     x = torch.randn(N, C, *SPATIAL, dtype=dtype, requires_grad=True)
     emb = torch.randn(N, C, dtype=dtype, requires_grad=True)  # Linear(SiLU(t_emb)) output
-    param_ptrs = {p.data_ptr() for p in params.values()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with ops.cpu_backend("composite"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    storages, hooks = _counting_hooks(params.values())
+    with ops.cpu_backend("composite"), hooks:
         h = backend.group_norm_silu(ops_name, x, params["gn1_w"], params["gn1_b"], GROUPS)
         h = F.conv3d(h, params["conv1"], padding=1)
         h = backend.group_norm_silu(ops_name, h, params["gn2_w"], params["gn2_b"], GROUPS, bias_in=emb)
@@ -73,3 +81,32 @@ def test_fused_block_drops_normalised_tensors(dtype):
         assert ref_bytes - fused_bytes == 2 * f32 + normalised - 2 * act - emb
     # at least the normalised tensors, up to the (N, C) bias the fused op keeps instead
     assert ref_bytes - fused_bytes >= normalised - emb
+
+
+def _block_saved_bytes(ops_name: str, checkpoint: str) -> int:
+    """Saved bytes (unique storages, parameters excluded) of one real network ResBlock in training."""
+    from patchddm_fast.nn.unet import UNet3D
+
+    torch.manual_seed(0)
+    net = UNet3D(in_channels=5, base_width=C, channel_mult=(1, 1), groups=GROUPS, ops=ops_name, checkpoint=checkpoint)
+    block = net.encoder[0].blocks[0]
+    x = torch.randn(N, C, *SPATIAL, requires_grad=True)
+    emb_act = torch.randn(N, block.emb_proj.in_features, requires_grad=True)
+    storages, hooks = _counting_hooks(net.parameters())
+    with ops.cpu_backend("composite"), hooks:
+        out = block(x, emb_act)
+    out.sum().backward()
+    return sum(storages.values())
+
+
+def test_selective_block_drops_the_normalised_and_the_activated_tensors():
+    """The engine's residual block (fused ops, selective recompute: GroupNorm-SiLU is
+    recomputed in backward, the convolution is not) saves neither the normalised nor the
+    activated tensor of either GroupNorm-SiLU: at least 4 activations fewer than the paper's
+    block, fp32."""
+    act = N * C * math.prod(SPATIAL) * 4
+    ref = _block_saved_bytes("reference", "none")
+    engine = _block_saved_bytes("fused", "selective")
+    assert ref - engine >= 4 * act, (ref, engine, act)
+    # what the engine keeps: the block input and the first convolution's output, plus small vectors
+    assert engine <= 2 * act + 4 * N * C * 4 + N * 64 * 4, (engine, act)

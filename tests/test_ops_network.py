@@ -18,7 +18,14 @@ import torch
 from patchddm_fast import ops
 
 
-@pytest.mark.parametrize("backend", ["triton-interpret", "composite"])
+def _cpp_available() -> bool:
+    from patchddm_fast.ops import cpu_ext
+
+    return cpu_ext.available()
+
+
+@pytest.mark.parametrize("backend", ["triton-interpret", "composite", pytest.param(
+    "cpp", marks=pytest.mark.skipif(not _cpp_available(), reason="the C++ extension did not build here"))])
 def test_fused_network_matches_reference(tiny_unet_factory, backend):
     ref_net = tiny_unet_factory()
     g = torch.Generator().manual_seed(1)

@@ -135,6 +135,8 @@ def test_refuses_input_folders_and_existing_outputs(stand_in, data, tmp_path):
     files = [case_dir / f"BraTS20_Training_001_{m}.nii.gz" for m in MODALITIES]
     with pytest.raises(DatasetError, match="input folder"):
         run_cli("--model", "m", "--input", *files, "--out", case_dir, "--quiet")
+    with pytest.raises(DatasetError, match="holds the input case folder"):  # stray outputs would break the dataset
+        run_cli("--model", "m", "--input", case_dir, "--out", ds, "--quiet")
     before = {p: p.stat().st_mtime_ns for p in ds.rglob("*.nii.gz")}
     out = tmp_path / "out"
     assert run_cli("--model", "m", "--input", case_dir, "--out", out, "--ensemble", 1, "--quiet") == 0

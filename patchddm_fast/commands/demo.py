@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     train_s = time.perf_counter() - t0
     metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
                              ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
-                             progress=not args.quiet, memory_budget=args.memory_budget)
+                             progress=not args.quiet, memory_budget=args.memory_budget, eta=args.eta,
+                             threshold=args.threshold)
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(format_table(metrics))

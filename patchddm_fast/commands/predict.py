@@ -86,13 +86,19 @@ def resolve_inputs(inputs: Sequence[str], *, layout: str = "auto", case_id: Opti
 
 
 def check_output_folder(out: Path, input_folders, cases, overwrite: bool) -> None:
-    """Refuse an input folder as output, and existing outputs unless ``overwrite``."""
+    """Refuse an input folder (or the folder holding input case folders, e.g. the dataset
+    root, where stray outputs would break layout detection) as output, and existing
+    outputs unless ``overwrite``."""
     from patchddm_fast.io.errors import DatasetError
 
     out_r = out.resolve()
     for folder in input_folders:
-        if Path(folder).resolve() == out_r:
+        folder_r = Path(folder).resolve()
+        if folder_r == out_r:
             raise DatasetError(f"{out}: refusing to write predictions into the input folder {folder}; choose another --out")
+        if folder_r.parent == out_r and any(Path(f).resolve().parent == folder_r for c in cases for f in c.files):
+            raise DatasetError(f"{out}: refusing to write predictions into the folder that holds the input case "
+                               f"folder {folder} (a dataset root would no longer open); choose another --out")
     inputs = {Path(f).resolve() for c in cases for f in c.files}
     existing = []
     for c in cases:
@@ -133,7 +139,9 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
                      threshold=threshold, progress=progress, desc=case.case_id,
                      **({"memory_budget": memory_budget} if memory_budget else {}))
     box = prep.box
-    mean = box.invert(res.mean.detach().float().cpu().numpy())
+    # The ensemble mean of the final samples lies in about [-1.03, 1.03] (x0 clamped to [-1, 1]
+    # plus the last step's noise); as a foreground probability it is clipped to [0, 1].
+    mean = box.invert(np.clip(res.mean.detach().float().cpu().numpy(), 0.0, 1.0))
     var = box.invert(res.var.detach().float().cpu().numpy())
     mask = box.invert(res.mask.detach().cpu().numpy().astype(np.uint8))
     outputs = {}

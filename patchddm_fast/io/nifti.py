@@ -9,8 +9,10 @@ a half-written output behind.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import uuid
+import zlib
 from pathlib import Path
 from typing import Tuple, Union
 
@@ -60,9 +62,29 @@ def load_image(path: PathLike) -> nib.Nifti1Image:
     return img
 
 
+def check_gzip_stream(path: PathLike) -> None:
+    """Read a ``.gz`` file to its end so gzip checks its CRC-32 and length trailer.
+
+    nibabel decodes exactly the bytes the header asks for and stops there, so a file cut
+    short by a few bytes, or with flipped bits inside the compressed data, loads without
+    complaint -- as silently wrong voxels.  Reading on to the end-of-stream marker makes
+    both an error.
+    """
+    path = Path(path)
+    if path.suffix != ".gz":
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{path}: truncated or corrupt image data (gzip stream: {exc})") from exc
+
+
 def read_array(img: nib.Nifti1Image, path: PathLike, dtype=np.float32) -> np.ndarray:
     """Decode the full voxel array (scaling applied) as ``dtype``; reject damaged or non-finite data."""
     path = Path(path)
+    check_gzip_stream(path)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:

@@ -69,6 +69,19 @@ def average_skip(ops: str, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return reference_average_skip(h, skip)
 
 
+def residual_add(ops: str, h: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """A residual block's ``shortcut + h``; the engine writes it into ``h`` in place.
+
+    Safe because ``h`` is always a convolution's fresh output, which no backward saves;
+    mixed dtypes (possible under autocast) take the out-of-place sum.
+    """
+    if ops == "fused" and h.dtype == shortcut.dtype and h.shape == shortcut.shape:
+        from patchddm_fast import ops as fused_ops
+
+        return fused_ops.residual_add_(h, shortcut)
+    return shortcut + h
+
+
 def conv3d(ops: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding) -> torch.Tensor:
     """Conv3d (groups=1, dilation=1): the engine runs oneDNN in both directions on CPU
     (:mod:`patchddm_fast.nn.cpu_conv`), else ``F.conv3d``."""

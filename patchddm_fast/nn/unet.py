@@ -103,7 +103,7 @@ class ResBlock(nn.Module):
         h = self.conv1(self.norm1(x))
         h = self.norm2(h, bias_in=self.emb_proj(emb_act).to(h.dtype))
         h = self.conv2(self.dropout(h))
-        return self.shortcut(x) + h
+        return backend.residual_add(self.norm1.ops, h, self.shortcut(x))
 
     def _forward_recompute(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
         n1, n2 = self.norm1, self.norm2
@@ -115,7 +115,7 @@ class ResBlock(nn.Module):
             from patchddm_fast.memory.recompute import block_conv2
 
             h = block_conv2(self, x, self.emb_proj(emb_act))
-        return self.shortcut(x) + h
+        return backend.residual_add(self.norm1.ops, h, self.shortcut(x))
 
 
 class Downsample(backend.Conv3d):

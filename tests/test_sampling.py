@@ -1,0 +1,41 @@
+"""Whole-volume sampling: padding to the network's multiple and back, ensemble statistics,
+and the summary the demo and `patchddm sample` write."""
+import numpy as np
+import pytest
+import torch
+
+from patchddm_fast.diffusion import Diffusion
+from patchddm_fast.nn.unet import UNet3D
+from patchddm_fast.sampling import segment_volume
+from patchddm_fast.showcase import format_table, summarise
+
+TINY = dict(base_width=8, channel_mult=(1, 2, 2), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=4)
+
+
+@pytest.mark.parametrize("method,in_channels", [("patchddm", 8), ("halfres", 5), ("fullres", 5)])
+def test_any_volume_size_comes_back_on_its_own_grid_with_ensemble_statistics(method, in_channels):
+    torch.manual_seed(0)
+    model = UNet3D(in_channels=in_channels, **TINY)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    image = torch.rand(4, 10, 7, 5, generator=torch.Generator().manual_seed(1))  # no axis a multiple of 4
+    res = segment_volume(model, Diffusion(), image, method=method, ensemble=3, steps=2, seed=5, progress=False,
+                         keep_samples=True)
+    assert res.samples.shape == (3, 10, 7, 5) and res.mean.shape == res.var.shape == res.mask.shape == (10, 7, 5)
+    torch.testing.assert_close(res.mean, res.samples.mean(0))
+    torch.testing.assert_close(res.var, res.samples.var(0, unbiased=False))
+    assert torch.equal(res.mask, res.mean > 0.5) and res.mask.dtype == torch.bool
+    assert (res.samples[0] != res.samples[1]).any()  # members start from different noise
+    again = segment_volume(model, Diffusion(), image, method=method, ensemble=3, steps=2, seed=5, progress=False)
+    assert torch.equal(again.mean, res.mean)  # the ensemble is a function of the seed
+
+
+def test_summary_always_has_dice_and_hd95_and_never_nan():
+    records = [dict(case="a", dice=0.0, hd95=None, dice_single_sample=0.0),
+               dict(case="b", dice=0.5, hd95=None, dice_single_sample=0.25)]
+    s = summarise(records)
+    assert s["dice"] == 0.25 and s["hd95"] is None and s["n_hd95_infinite"] == 2
+    table = format_table(dict(cases=records, mean=s))
+    assert "nan" not in table and "inf (every case)" in table
+    s = summarise([dict(case="c", dice=1.0, hd95=2.0, dice_single_sample=1.0)] + records)
+    assert s["hd95"] == 2.0 and s["dice"] == pytest.approx(np.mean([1.0, 0.0, 0.5]))
