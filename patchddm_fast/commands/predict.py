@@ -93,9 +93,10 @@ def check_output_folder(out: Path, input_folders, cases, overwrite: bool) -> Non
 
     out_r = out.resolve()
     for folder in input_folders:
-        folder_r = Path(folder).resolve()
-        if folder_r == out_r:
+        if Path(folder).resolve() == out_r:
             raise DatasetError(f"{out}: refusing to write predictions into the input folder {folder}; choose another --out")
+    for folder in input_folders:
+        folder_r = Path(folder).resolve()
         if folder_r.parent == out_r and any(Path(f).resolve().parent == folder_r for c in cases for f in c.files):
             raise DatasetError(f"{out}: refusing to write predictions into the folder that holds the input case "
                                f"folder {folder} (a dataset root would no longer open); choose another --out")

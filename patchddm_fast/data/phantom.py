@@ -12,10 +12,11 @@ The phantom is built to punish shortcuts a diffusion segmenter could take:
   flair/t2 and dark on t1; enhancing rim bright only on t1ce; necrosis dark on t1/t1ce),
   so dropping a channel loses information;
 * a **decoy** -- a symmetric pair of periventricular "caps" at the front tips of the
-  ventricles -- has the tumour edema's flair/t2 brightness but is NOT tumour.  It differs
-  from edema only by its fixed anatomical position and by being iso-intense on t1/t1ce
-  (edema is t1-dark, but that contrast is small against the noise).  A model that ignores
-  position (e.g. patch training without coordinate channels) or t1 is expected to mark it.
+  ventricles -- has the tumour edema's intensities in all four channels but is NOT
+  tumour.  It differs from edema only by its anatomical position (and by lacking an
+  enhancing core), so a per-voxel intensity model cannot tell them apart and marks it
+  (tested); a model that knows where it is (PatchDDM's coordinate channels) can learn the
+  site.
 
 All geometry is defined in normalised coordinates ((-1, 1) along every axis), so one seed
 gives the same anatomy at any size, including non-cubic ones (the head is stretched with
@@ -165,8 +166,8 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     vent_y, vent_z = rng.uniform(-0.05, 0.05), rng.uniform(0.0, 0.1)
     vent_r = np.array([0.07, 0.26, 0.12]) * rng.uniform(0.8, 1.2, 3)
     vent_dx = rng.uniform(0.10, 0.14)
-    decoy_r = 0.09 * rng.uniform(0.8, 1.2)
-    decoy_c = np.array([vent_dx + 0.02, vent_y - vent_r[1] - 0.02, vent_z])
+    decoy_r = 0.15 * rng.uniform(0.8, 1.2)
+    decoy_c = np.array([vent_dx + 0.04, vent_y - vent_r[1] - 0.08, vent_z])
     tumour_c = None
     for _ in range(100):  # tumour centre in the brain, away from both decoys
         cand = rng.uniform(-0.55, 0.55, 3)
@@ -234,7 +235,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     image *= np.where(brain & ~wt, texture, 1.0)[None]
     hetero = 1 + 0.08 * _upsample(grids["hetero"], shape)
     image *= np.where(wt, hetero, 1.0)[None]
-    for ch in (2, 3):  # decoy: edema-like on t2/flair only
+    for ch in range(4):  # decoy: edema's intensities in every channel
         image[ch][decoy] = jitter["edema"][ch] * hetero[decoy]
 
     image = _blur121(image)
