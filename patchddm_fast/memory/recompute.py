@@ -58,7 +58,7 @@ _conv = conv_as_module
 def _conv_backward(conv: nn.Conv3d, grad_y: torch.Tensor, a: torch.Tensor, dtype: torch.dtype,
                    need_a: bool, need_w: bool, need_b: bool):
     """(grad_a, grad_weight, grad_bias) of ``conv`` at input ``a``; parameter grads in their dtype."""
-    from patchddm_fast.nn import backend
+    from patchddm_fast.nn import backend, cpu_conv
 
     w = conv.weight.to(dtype)
     has_b = conv.bias is not None
@@ -67,9 +67,9 @@ def _conv_backward(conv: nn.Conv3d, grad_y: torch.Tensor, a: torch.Tensor, dtype
             getattr(conv, "ops", "reference"), grad_y.to(dtype), a.to(dtype), w, has_b, conv.stride, conv.padding,
             need_a, need_w, need_b)
     else:
-        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_y.to(dtype), a.to(dtype), w, [w.shape[0]] if has_b else None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0, 0, 0], conv.groups, [need_a, need_w, need_b and has_b])
+        grad_a, grad_w, grad_b = cpu_conv.pytorch_conv3d_backward(
+            grad_y.to(dtype), a.to(dtype), w, conv.stride, conv.padding, need_a, need_w, need_b and has_b,
+            dilation=conv.dilation, groups=conv.groups)
     grad_w = grad_w.to(conv.weight.dtype) if grad_w is not None else None
     grad_b = grad_b.to(conv.bias.dtype) if grad_b is not None else None
     return grad_a, grad_w, grad_b

@@ -96,9 +96,7 @@ def conv3d_backward(ops: str, grad: torch.Tensor, x: torch.Tensor, weight: torch
     for callers that run a convolution's backward themselves (selective recompute)."""
     if ops == "fused" and cpu_conv.onednn_usable(x, weight):
         return cpu_conv.conv3d_backward(grad, x, weight, stride, padding, need_x, need_w, need_b and has_bias)
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding), [1, 1, 1], False,
-        [0, 0, 0], 1, [need_x, need_w, need_b and has_bias])
+    return cpu_conv.pytorch_conv3d_backward(grad, x, weight, stride, padding, need_x, need_w, need_b and has_bias)
 
 
 class Conv3d(torch.nn.Conv3d):

@@ -79,13 +79,20 @@ def aten_takes_slow_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return n == 1 and weight.shape[-1] <= 3 and weight.shape[-2] <= 3 and n * c * d * h <= 20480
 
 
+def pytorch_conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                            padding: Sequence[int], need_x: bool, need_w: bool, need_b: bool,
+                            dilation: Sequence[int] = _ONE, groups: int = 1):
+    """PyTorch's own ``convolution_backward`` of a conv3d: (grad_x, grad_weight, grad_bias)."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if need_b else None, list(stride), list(padding), list(dilation), False,
+        [0, 0, 0], groups, [need_x, need_w, need_b])
+
+
 def conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                     padding: Sequence[int], need_x: bool, need_w: bool, need_b: bool):
     """(grad_x, grad_weight, grad_bias) of a bias-carrying conv3d, each None where not needed."""
     if not aten_takes_slow_path(x, weight) or x.numel() < SMALL_NUMEL:
-        return torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if need_b else None, list(stride), list(padding), _ONE, False,
-            [0, 0, 0], 1, [need_x, need_w, need_b])
+        return pytorch_conv3d_backward(grad, x, weight, stride, padding, need_x, need_w, need_b)
     grad = grad.contiguous()
     dx = grad_input(grad, weight, x.shape, stride, padding) if need_x else None
     dw = grad_weight(grad, x, weight.shape[2:], stride, padding) if need_w else None
