@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from patchddm_fast import validation as v
 
 PAPER_ARCH: Dict[str, Any] = dict(
     base_width=29, channel_mult=(1, 3, 4, 4, 4, 4, 4), enc_blocks=2, dec_blocks=3, mid_blocks=2, groups=29,
@@ -70,23 +73,181 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Dict[str, Any], source: Union[str, Mapping[str, str], None] = None) -> "TrainConfig":
+        """A validated config (see :func:`validate_config`); ``source`` names where the values
+        came from in error messages: one string, or a {key: source} mapping (file vs. flag)."""
+        if not isinstance(d, Mapping):
+            raise v.ConfigError(f"{_source_of(source, '')}: settings must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+            where = _source_of(source, unknown[0])
+            raise v.ConfigError(f"{where + ': ' if where else ''}unknown config keys {unknown} "
+                                f"(e.g. {unknown[0]!r} = {d[unknown[0]]!r}); valid keys: {sorted(names)}")
         d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        if "model" in d:
-            d["model"] = {**PAPER_ARCH, **d["model"]}
-        if "diffusion" in d:
-            d["diffusion"] = {**PAPER_DIFFUSION, **d["diffusion"]}
-        return cls(**d)
+        for key, default in (("model", PAPER_ARCH), ("diffusion", PAPER_DIFFUSION)):
+            if key in d:
+                if not isinstance(d[key], Mapping):
+                    raise v.fail(_source_of(source, key), key, d[key], "a mapping of settings")
+                d[key] = {**default, **d[key]}
+        return cls(**validate_config(d, source))
 
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
-        return cls.from_dict(read_config_file(path))
+        return cls.from_dict(read_config_file(path), source=f"config file {path}")
+
+    def validate(self, source: str = "TrainConfig") -> "TrainConfig":
+        """Check every field (for configs built with the constructor rather than from_dict)."""
+        validate_config(dataclasses.asdict(self), source)
+        return self
+
+
+def _source_of(source: Union[str, Mapping[str, str], None], key: str) -> str:
+    if source is None:
+        return ""
+    if isinstance(source, str):
+        return source
+    return source.get(key.split(".")[0], source.get("", ""))
+
+
+_MODEL_INT_KEYS = dict(base_width=1, out_channels=1, enc_blocks=1, dec_blocks=1, mid_blocks=0, groups=1)
+
+
+def _validate_model(model: Mapping[str, Any], src) -> Dict[str, Any]:
+    out = dict(model)
+    allowed = set(_MODEL_INT_KEYS) | {"channel_mult", "time_embed_dim", "time_freq_dim", "dropout", "skip"}
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        raise v.unknown_key(_source_of(src, "model"), f"model.{unknown[0]}", model[unknown[0]], allowed)
+    for key, lo in _MODEL_INT_KEYS.items():
+        if key in model:
+            out[key] = v.check_int(model[key], f"model.{key}", _source_of(src, "model"), lo=lo)
+    for key in ("time_embed_dim", "time_freq_dim"):
+        out[key] = v.check_optional(v.check_int)(model.get(key), f"model.{key}", _source_of(src, "model"), lo=1)
+        if out[key] is None:
+            out.pop(key)
+    if "dropout" in model:
+        out["dropout"] = v.check_float(model["dropout"], "model.dropout", _source_of(src, "model"), 0.0, 1.0,
+                                       hi_open=True)
+    if "skip" in model:
+        v.check_choice(model["skip"], "model.skip", ("average", "concat"), _source_of(src, "model"))
+    mult = model.get("channel_mult")
+    if mult is not None:
+        if not isinstance(mult, (list, tuple)) or not mult:
+            raise v.fail(_source_of(src, "model"), "model.channel_mult", mult, "a non-empty list of integers >= 1")
+        out["channel_mult"] = type(mult)(v.check_int(m, "model.channel_mult", _source_of(src, "model"), lo=1)
+                                         for m in mult)
+    return out
+
+
+def _validate_diffusion(diff: Mapping[str, Any], src) -> Dict[str, Any]:
+    from patchddm_fast.diffusion import PREDICTIONS
+
+    s = _source_of(src, "diffusion")
+    allowed = {"timesteps", "beta_start", "beta_end", "clip_x0", "prediction"}
+    unknown = sorted(set(diff) - allowed)
+    if unknown:
+        raise v.unknown_key(s, f"diffusion.{unknown[0]}", diff[unknown[0]], allowed)
+    out = dict(diff)
+    out["timesteps"] = v.check_int(diff["timesteps"], "diffusion.timesteps", s, lo=1)
+    out["beta_start"] = v.check_float(diff["beta_start"], "diffusion.beta_start", s, 0.0, 1.0, lo_open=True,
+                                      hi_open=True)
+    out["beta_end"] = v.check_float(diff["beta_end"], "diffusion.beta_end", s, out["beta_start"], 1.0, hi_open=True)
+    v.check_bool(diff["clip_x0"], "diffusion.clip_x0", s)
+    if "prediction" in diff:
+        v.check_choice(diff["prediction"], "diffusion.prediction", PREDICTIONS, s)
+    return out
+
+
+def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], None] = None) -> Dict[str, Any]:
+    """Every TrainConfig value checked for type, range and allowed names; returns the values
+    normalised (whole floats to int, numbers to float).  Raises :class:`ConfigError` naming
+    the source, key, value and expected form."""
+    from patchddm_fast.conditioning import METHODS
+    from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
+    from patchddm_fast.io.layouts import LAYOUTS
+    from patchddm_fast.memory.offload import OFFLOAD_MODES
+    from patchddm_fast.nn.backend import OPS_BACKENDS
+    from patchddm_fast.nn.unet import CHECKPOINT_MODES
+    from patchddm_fast.precision import PRECISIONS
+    from patchddm_fast.trainer import LR_SCHEDULES
+
+    out = dict(d)
+    src = lambda k: _source_of(source, k)  # noqa: E731
+    ints = dict(preprocess_workers=1, phantom_size=4, phantom_train=1, phantom_val=0, patch_size=1, steps=1,
+                batch_size=1, warmup_steps=0, seed=0, val_every=0, val_steps=1, val_ensemble=1, ckpt_every=0,
+                log_every=0)
+    for key, lo in ints.items():
+        if key in d:
+            out[key] = v.check_int(d[key], key, src(key), lo=lo)
+    choices = dict(method=METHODS, layout=("auto",) + tuple(LAYOUTS), patch_distribution=OFFSET_DISTRIBUTIONS,
+                   lr_schedule=LR_SCHEDULES, precision=PRECISIONS, ops=OPS_BACKENDS, checkpoint=CHECKPOINT_MODES,
+                   offload=OFFLOAD_MODES)
+    for key, allowed in choices.items():
+        if key in d:
+            v.check_choice(d[key], key, allowed, src(key))
+    for key in ("data", "out_dir"):
+        if key in d:
+            v.check_str(d[key], key, src(key))
+    for key in ("split", "cache_dir"):
+        if key in d:
+            v.check_optional(v.check_str)(d[key], key, src(key))
+    for key in ("resume", "progress"):
+        if key in d:
+            v.check_bool(d[key], key, src(key))
+    if "lr" in d:
+        out["lr"] = v.check_float(d["lr"], "lr", src("lr"), 0.0, None, lo_open=True)
+    if "weight_decay" in d:
+        out["weight_decay"] = v.check_float(d["weight_decay"], "weight_decay", src("weight_decay"), 0.0)
+    if "adam_eps" in d:
+        out["adam_eps"] = v.check_float(d["adam_eps"], "adam_eps", src("adam_eps"), 0.0, lo_open=True)
+    if "grad_clip" in d:
+        out["grad_clip"] = v.check_optional(v.check_float)(d["grad_clip"], "grad_clip", src("grad_clip"), 0.0,
+                                                            lo_open=True)
+    for key in ("val_fraction", "test_fraction"):
+        if key in d:
+            out[key] = v.check_float(d[key], key, src(key), 0.0, 1.0, hi_open=True)
+    if out.get("val_fraction", 0.0) + out.get("test_fraction", 0.0) >= 1.0:
+        raise v.fail(src("test_fraction"), "val_fraction + test_fraction",
+                     out.get("val_fraction", 0.0) + out.get("test_fraction", 0.0), "a sum < 1 (cases must remain for training)")
+    if "betas" in d:
+        b = d["betas"]
+        if not isinstance(b, (list, tuple)) or len(b) != 2:
+            raise v.fail(src("betas"), "betas", b, "two numbers in [0, 1)")
+        out["betas"] = tuple(v.check_float(x, "betas", src("betas"), 0.0, 1.0, hi_open=True) for x in b)
+    if "device" in d:
+        from patchddm_fast.devices import DEVICE_PATTERN
+
+        dev = d["device"]
+        if not isinstance(dev, str) or not re.fullmatch(DEVICE_PATTERN, dev):
+            raise v.fail(src("device"), "device", dev, "auto, cpu, cuda or cuda:N")
+    if d.get("memory_budget") is not None:
+        from patchddm_fast.memory.planner import parse_bytes
+
+        try:
+            parse_bytes(d["memory_budget"])
+        except (ValueError, TypeError):
+            raise v.fail(src("memory_budget"), "memory_budget", d["memory_budget"],
+                         "a memory size such as 8GB, 8GiB or 512MB") from None
+    if "preprocess" in d:
+        pre = d["preprocess"]
+        if not isinstance(pre, Mapping):
+            raise v.fail(src("preprocess"), "preprocess", pre, "a mapping of preprocessing settings")
+        from patchddm_fast.io.preprocess import PreprocessConfig
+
+        fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
+        unknown = sorted(set(pre) - fields)
+        if unknown:
+            raise v.unknown_key(src("preprocess"), f"preprocess.{unknown[0]}", pre[unknown[0]], fields)
+        try:
+            PreprocessConfig(**pre)
+        except (TypeError, ValueError) as exc:
+            raise v.ConfigError(f"{src('preprocess')}: config key 'preprocess' = {dict(pre)!r}: {exc}") from None
+    if "model" in d:
+        out["model"] = _validate_model(d["model"], source)
+    if "diffusion" in d:
+        out["diffusion"] = _validate_diffusion(d["diffusion"], source)
+    return out
 
 
 def read_config_file(path) -> Dict[str, Any]:

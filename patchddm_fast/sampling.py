@@ -21,6 +21,10 @@ from patchddm_fast.data.patches import pad_to_multiple, unpad
 from patchddm_fast.diffusion import Diffusion
 
 
+class NonFiniteSampleError(ValueError):
+    """The network produced NaN/Inf while sampling: a damaged or diverged model, never a valid mask."""
+
+
 @dataclass
 class SegmentationResult:
     """Ensemble statistics on the input grid: mean (prediction), var (uncertainty), mask."""
@@ -122,6 +126,10 @@ def segment_volume(
                 x = None
                 for _, x, _ in diffusion.ddim_loop(eps_model, grid, steps, eta=eta, generator=generator, device=device):
                     bar.update(1)
+                if not bool(torch.isfinite(x).all()):
+                    raise NonFiniteSampleError(
+                        f"{desc or 'sampling'}: the network produced non-finite values (NaN/Inf) in ensemble member "
+                        f"{member + 1}; the model's weights are damaged or its training diverged")
                 if factor > 1:
                     x = F.interpolate(x, scale_factor=factor, mode="nearest")
                 samples.append(unpad(x[0, 0], pad_spec).cpu())

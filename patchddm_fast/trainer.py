@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -19,16 +21,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchddm_fast.checkpoint import build_model, load_checkpoint, save_checkpoint
+from patchddm_fast.checkpoint import (NonFiniteWeightsError, atomic_write_text, build_model, check_weights_match,
+                                      load_checkpoint, remove_stale_temp_files, save_checkpoint)
 from patchddm_fast.conditioning import network_input
 from patchddm_fast.config import TrainConfig
 from patchddm_fast.data.cases import BatchSampler, CaseSource, read_whole, step_generators
+from patchddm_fast.devices import resolve_device  # noqa: F401  (re-exported: commands import it from here)
 from patchddm_fast.diffusion import Diffusion
 from patchddm_fast.metrics import dice
 from patchddm_fast.sampling import flush_denormals_on_cpu, segment_volume
 
 
 LR_SCHEDULES = ("constant", "cosine")
+RUN_FILES = ("last.pt", "config.json", "log.jsonl", "split.json")  # what fit writes into out_dir
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or weights; nothing non-finite was saved (CLI exit code 3)."""
+
+
+def _rank() -> int:
+    """This process's rank in a distributed job (0 when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def learning_rate(base: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
@@ -47,10 +63,6 @@ def learning_rate(base: float, step: int, total: int, schedule: str = "constant"
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Trainer:
@@ -78,6 +90,8 @@ class Trainer:
             config = TrainConfig.from_file(config)
         elif isinstance(config, dict):
             config = TrainConfig.from_dict(config)
+        else:
+            config.validate()
         if overrides:
             config = TrainConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
@@ -104,6 +118,7 @@ class Trainer:
 
         self.precision = resolve_precision(config.precision, self.device)
         self.step = 0
+        self._saved_step: Optional[int] = None  # step of the newest finite checkpoint in out_dir
         self.losses: List[float] = []
         self.validations: List[Dict[str, Any]] = []
 
@@ -147,19 +162,26 @@ class Trainer:
 
     def save(self, path: Optional[Path] = None) -> Path:
         path = Path(path) if path else self.out_dir / "last.pt"
-        save_checkpoint(path, self._state(), self.config.to_dict())
+        try:
+            save_checkpoint(path, self._state(), self.config.to_dict())
+        except NonFiniteWeightsError:
+            raise self._divergence("the weights became NaN/Inf") from None
+        if path == self.out_dir / "last.pt":
+            self._saved_step = self.step
         return path
 
     def load(self, path: Path) -> None:
         state, config = load_checkpoint(path, map_location=self.device)
         if config.get("model") != self.config.to_dict()["model"] or config.get("method") != self.config.method:
             raise ValueError(f"checkpoint {path} was trained with a different method/architecture than this config")
+        check_weights_match(self.model, state["model"], path, config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]]
         self.validations = json.loads(state.get("validations_json", "[]"))
+        self._saved_step = self.step
 
     # ------------------------------------------------------------------ training
     def train_step(self, sampler: BatchSampler) -> float:
@@ -172,7 +194,7 @@ class Trainer:
         with self.precision.autocast():
             loss = self.diffusion.training_loss(self.model, cond, x0, t, noise, network_input)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower the learning rate or use --precision fp32/bf16")
+            raise self._divergence(f"the loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
         scaler.scale(loss).backward()
@@ -205,14 +227,31 @@ class Trainer:
         return record
 
     def fit(self) -> Dict[str, Any]:
-        """Train to ``config.steps`` (resuming from out_dir/last.pt if allowed); returns the history."""
+        """Train to ``config.steps`` (resuming from out_dir/last.pt if allowed); returns the history.
+
+        Holds the run folder's lock throughout (a second process on the same folder is
+        refused) and first removes temp files that killed checkpoint writes left behind.
+        """
+        from patchddm_fast.runlock import RunLock
+        from patchddm_fast.safe_paths import confined, output_folder
+
+        output_folder(self.out_dir, "out_dir")
+        for name in RUN_FILES:
+            confined(self.out_dir, name)
+        if _rank() != 0:  # distributed: rank 0 holds the lock for the whole job
+            return self._fit()
+        with RunLock(self.out_dir):
+            remove_stale_temp_files(self.out_dir)
+            return self._fit()
+
+    def _fit(self) -> Dict[str, Any]:
         cfg = self.config
         train_cases, val_cases = self._load_cases()
         last = self.out_dir / "last.pt"
         if cfg.resume and last.exists():
             self.load(last)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self._truncate_log()
         sampler = BatchSampler(train_cases, cfg.method, cfg.patch_size, cfg.patch_distribution)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
@@ -252,10 +291,38 @@ class Trainer:
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _divergence(self, what: str) -> DivergenceError:
+        cfg = self.config
+        last = self.out_dir / "last.pt"
+        if self._saved_step is not None:
+            kept = (f"{last} keeps the last finite state (step {self._saved_step}); resume from it with a lower "
+                    f"learning rate, e.g. `patchddm train --out-dir {self.out_dir} --lr {cfg.lr / 10:g}` with the same "
+                    f"other settings (the new lr applies from step {self._saved_step} on)")
+        else:
+            kept = (f"no checkpoint was written; start again with a lower learning rate, e.g. --lr {cfg.lr / 10:g}")
+        hint = "" if self.precision.dtype == torch.float32 else ", or --precision fp32"
+        return DivergenceError(f"training diverged at step {self.step}: {what} (lr {cfg.lr:g}). {kept}{hint}. "
+                               f"Nothing non-finite was saved.")
+
     def _truncate_log(self) -> None:
-        """After a resume, drop log lines written past the checkpoint so the log matches the state."""
+        """After a resume, drop log lines written past the checkpoint so the log matches the state.
+
+        Tolerant: a line that is not JSON (an append cut short by a full disk or a file-size
+        limit) is dropped with a warning naming the file, instead of failing every resume.
+        """
         log = self.out_dir / "log.jsonl"
         if not log.exists():
             return
-        keep = [line for line in log.read_text().splitlines() if line and json.loads(line).get("step", 0) <= self.step]
-        log.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for number, line in enumerate(log.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                print(f"warning: {log}: line {number} is not valid JSON (a write cut short?); dropped it",
+                      file=sys.stderr)
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                keep.append(line)
+        atomic_write_text(log, "".join(line + "\n" for line in keep))

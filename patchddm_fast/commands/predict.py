@@ -85,12 +85,17 @@ def resolve_inputs(inputs: Sequence[str], *, layout: str = "auto", case_id: Opti
     return [case], {p.parent for p in paths}, already_normalised
 
 
-def check_output_folder(out: Path, input_folders, cases, overwrite: bool) -> None:
+def check_output_folder(out: Path, input_folders, cases, overwrite: bool, figures: bool = False) -> None:
     """Refuse an input folder (or the folder holding input case folders, e.g. the dataset
-    root, where stray outputs would break layout detection) as output, and existing
-    outputs unless ``overwrite``."""
+    root, where stray outputs would break layout detection) as output, case ids that are
+    not plain names, any output that would land outside ``out`` or on an input file, and
+    existing outputs unless ``overwrite`` (all on resolved paths)."""
     from patchddm_fast.io.errors import DatasetError
+    from patchddm_fast.io.layouts import PREDICTION_MARKER
+    from patchddm_fast.safe_paths import check_case_id, check_targets, confined
 
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: --out must be a folder, but a file of that name exists")
     out_r = out.resolve()
     for folder in input_folders:
         if Path(folder).resolve() == out_r:
@@ -100,18 +105,12 @@ def check_output_folder(out: Path, input_folders, cases, overwrite: bool) -> Non
         if folder_r.parent == out_r and any(Path(f).resolve().parent == folder_r for c in cases for f in c.files):
             raise DatasetError(f"{out}: refusing to write predictions into the folder that holds the input case "
                                f"folder {folder} (a dataset root would no longer open); choose another --out")
-    inputs = {Path(f).resolve() for c in cases for f in c.files}
-    existing = []
+    targets = [confined(out, PREDICTION_MARKER)]
     for c in cases:
-        for suffix in OUTPUT_SUFFIXES:
-            target = out / f"{c.case_id}{suffix}.nii.gz"
-            if target.resolve() in inputs:
-                raise DatasetError(f"{target}: refusing to overwrite an input file")
-            if target.exists():
-                existing.append(target.name)
-    if existing and not overwrite:
-        raise DatasetError(f"{out}: {len(existing)} output file(s) exist already (e.g. {existing[0]}); "
-                           f"pass --overwrite to replace them")
+        check_case_id(c.case_id)
+        names = [f"{c.case_id}{suffix}.nii.gz" for suffix in OUTPUT_SUFFIXES]
+        targets += [confined(out, name) for name in names + ([f"{c.case_id}_prediction.png"] if figures else [])]
+    check_targets(targets, overwrite=overwrite, inputs=[f for c in cases for f in c.files], folder=out)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -163,11 +162,9 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
 
 
 def _pick_device(device: str) -> str:
-    import torch
+    from patchddm_fast.devices import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(resolve_device(device))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     cases, folders, normalised = resolve_inputs(args.input, layout=args.layout, case_id=args.case_id,
                                                 cases=args.cases, already_normalised=args.already_normalised)
     out = Path(args.out)
-    check_output_folder(out, folders, cases, args.overwrite)
+    check_output_folder(out, folders, cases, args.overwrite, figures=args.figures)
     device = _pick_device(args.device)
     model, diffusion, cfg = load_for_inference(args.model, device=device)
     method = cfg["method"]
@@ -188,26 +185,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"patchddm predict: {args.model} stores no preprocessing parameters; using the defaults",
               file=sys.stderr)
     pre = preprocess_config_for(cfg.get("preprocess"), multiple)
-    out.mkdir(parents=True, exist_ok=True)
+    from patchddm_fast.checkpoint import atomic_write_text
+    from patchddm_fast.io.layouts import PREDICTION_MARKER
+    from patchddm_fast.safe_paths import output_folder
+    from patchddm_fast.sampling import NonFiniteSampleError
+
+    output_folder(out, "--out")
     records: List[Dict[str, Any]] = []
     summary = dict(model=str(args.model), method=method, ensemble=args.ensemble, steps=args.steps, seed=args.seed,
                    threshold=args.threshold, device=device, preprocess=pre.to_dict(),
                    already_normalised=normalised, cases=records)
     # Written first (and rewritten at the end) so a partly filled --out is already marked as predictions.
-    (out / "predict.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
     t0 = time.perf_counter()
     for i, case in enumerate(cases, start=1):
-        rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
-                           seed=args.seed, threshold=args.threshold, already_normalised=normalised,
-                           image_channels=int(cfg.get("image_channels", 4)), device=device,
-                           progress=not args.quiet, figures=args.figures, memory_budget=args.memory_budget)
+        try:
+            rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
+                               seed=args.seed, threshold=args.threshold, already_normalised=normalised,
+                               image_channels=int(cfg.get("image_channels", 4)), device=device,
+                               progress=not args.quiet, figures=args.figures, memory_budget=args.memory_budget)
+        except NonFiniteSampleError as exc:
+            raise NonFiniteSampleError(f"{args.model}: {exc}") from None
         records.append(rec)
         if not args.quiet:
             elapsed = time.perf_counter() - t0
             eta = elapsed / i * (len(cases) - i)
             print(f"[{i}/{len(cases)}] {case.case_id}: {rec['seconds']:.1f}s, {rec['predicted_voxels']} voxels "
                   f"segmented; elapsed {_fmt_seconds(elapsed)}, ETA {_fmt_seconds(eta)}", file=sys.stderr)
-    (out / "predict.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
     if not args.quiet:
         print(f"wrote {3 * len(records)} NIfTI files for {len(records)} case(s) to {out}", file=sys.stderr)
     return 0

@@ -55,13 +55,18 @@ def add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
-    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    """Config file values, then flags on top; errors name the file or the flag a bad value came from."""
+    config_file = getattr(args, "config", None)
+    values = read_config_file(config_file) if config_file else {}
+    sources = {"": "settings"}
+    sources.update({k: f"config file {config_file}" for k in values})
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
+            sources[f.name] = "flag --" + f.name.replace("_", "-")
     values.update(fixed)
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values, source=sources)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
