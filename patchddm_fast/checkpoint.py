@@ -18,6 +18,7 @@ load, and the stored config is checked against the weights' shapes.  Format-1 fi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -33,7 +34,11 @@ ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 
 def atomic_write_bytes(path: Path, write_fn) -> None:
-    """Call ``write_fn(file_object)`` on a temp file next to ``path``, then rename it into place."""
+    """Call ``write_fn(file_object)`` on a temp file next to ``path``, then rename it into place.
+
+    An OSError (disk full, file-size limit, read-only folder) is re-raised naming ``path``;
+    the temp file is removed and the previous ``path`` stays as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,9 +48,12 @@ def atomic_write_bytes(path: Path, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, f"{exc.strerror or exc} (while writing; the previous file is unchanged)",
+                          str(path)) from exc
         raise
 
 
@@ -120,7 +128,11 @@ def save_checkpoint(path: Path, state: Dict[str, Any], config: Dict[str, Any]) -
         raise NonFiniteWeightsError(f"{path}: not saved: {len(bad)} weight tensor(s) hold NaN/Inf (e.g. {bad[0]})")
     payload = dict(state, format_version=FORMAT_VERSION, config_json=json.dumps(config, sort_keys=True))
     payload["sha256"] = state_digest(payload)
-    atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+    # Serialised in memory first: torch's zip writer reports a failed write (disk full,
+    # file-size limit) as an opaque "unexpected pos" error, f.write as a proper OSError.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), lambda f: f.write(buffer.getbuffer()))
 
 
 def _read_payload(path: Path, map_location) -> Dict[str, Any]:

@@ -37,13 +37,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args._run(args) or 0)
     except FloatingPointError as exc:  # trainer.DivergenceError
-        print(f"{prefix} {exc}", file=sys.stderr)
+        print(f"{prefix} {str(exc).strip()}", file=sys.stderr)
         return 3
     except OSError as exc:
         print(f"{prefix} {format_os_error(exc)}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError) as exc:
-        print(f"{prefix} {exc}", file=sys.stderr)
+        print(f"{prefix} {str(exc).strip()}", file=sys.stderr)
         return 2
     except MemoryError as exc:
         print(f"{prefix} out of memory{f' ({exc})' if str(exc) else ''}; try smaller inputs or settings",

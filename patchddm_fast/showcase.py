@@ -46,9 +46,21 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
                    steps: int, seed: int, progress: bool = True, figures: bool = True,
-                   memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5) -> Dict[str, Any]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                   memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5,
+                   overwrite: bool = True) -> Dict[str, Any]:
+    """Sample, score and write every case into ``out_dir``.  Case ids must be plain names and
+    every file stays inside ``out_dir``; existing outputs are refused unless ``overwrite``
+    (``sample`` passes its --overwrite flag; the demo owns its folder and refreshes it)."""
+    from patchddm_fast.checkpoint import atomic_write_text
+    from patchddm_fast.safe_paths import check_case_id, check_targets, confined, output_folder
+
+    out_dir = output_folder(out_dir, "--out")
+    targets = [confined(out_dir, "metrics.json")]
+    for case in cases:
+        check_case_id(case.case_id)
+        names = [f"{case.case_id}_{s}.nii.gz" for s in ("image", "gt", "mean", "var", "seg")]
+        targets += [confined(out_dir, n) for n in names + ([f"{case.case_id}_montage.png"] if figures else [])]
+    check_targets(targets, overwrite=overwrite, folder=out_dir)
     records = []
     for case in cases:
         image, label = read_whole(case)
@@ -74,7 +86,7 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
                         Path(f"{prefix}_montage.png"), title=f"{case.case_id}: Dice {records[-1]['dice']:.3f}")
     metrics = dict(cases=records, mean=summarise(records),
                    sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

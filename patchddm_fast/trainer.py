@@ -165,7 +165,7 @@ class Trainer:
         try:
             save_checkpoint(path, self._state(), self.config.to_dict())
         except NonFiniteWeightsError:
-            raise self._divergence("the weights became NaN/Inf") from None
+            raise self._divergence(f"the weights became NaN/Inf after step {self.step}") from None
         if path == self.out_dir / "last.pt":
             self._saved_step = self.step
         return path
@@ -194,7 +194,7 @@ class Trainer:
         with self.precision.autocast():
             loss = self.diffusion.training_loss(self.model, cond, x0, t, noise, network_input)
         if not torch.isfinite(loss):
-            raise self._divergence(f"the loss became {loss.item()}")
+            raise self._divergence(f"the loss of step {self.step + 1} became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
         scaler.scale(loss).backward()
@@ -288,8 +288,12 @@ class Trainer:
             raise RuntimeError(oom_advice(exc, preset=self.config.method, mode="train")) from exc
 
     def _log(self, record: Dict[str, Any]) -> None:
-        with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out_dir / "log.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # disk full / file-size limit: name the file (a cut line is skipped on resume)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
     def _divergence(self, what: str) -> DivergenceError:
         cfg = self.config
@@ -297,11 +301,12 @@ class Trainer:
         if self._saved_step is not None:
             kept = (f"{last} keeps the last finite state (step {self._saved_step}); resume from it with a lower "
                     f"learning rate, e.g. `patchddm train --out-dir {self.out_dir} --lr {cfg.lr / 10:g}` with the same "
-                    f"other settings (the new lr applies from step {self._saved_step} on)")
+                    f"other settings (the new lr applies from step {self._saved_step} on); if that diverges at once, "
+                    f"the saved state is already spoiled: start over with --resume false")
         else:
             kept = (f"no checkpoint was written; start again with a lower learning rate, e.g. --lr {cfg.lr / 10:g}")
         hint = "" if self.precision.dtype == torch.float32 else ", or --precision fp32"
-        return DivergenceError(f"training diverged at step {self.step}: {what} (lr {cfg.lr:g}). {kept}{hint}. "
+        return DivergenceError(f"training diverged: {what} (lr {cfg.lr:g}). {kept}{hint}. "
                                f"Nothing non-finite was saved.")
 
     def _truncate_log(self) -> None:

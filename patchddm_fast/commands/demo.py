@@ -19,6 +19,7 @@ from pathlib import Path
 
 from patchddm_fast.commands.sample import add_sampling_flags
 from patchddm_fast.config import PAPER_DIFFUSION
+from patchddm_fast.validation import int_at_least
 
 DEMO_CONFIG = dict(
     method="patchddm",
@@ -50,9 +51,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--steps", type=int, default=DEMO_CONFIG["steps"], help="training steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, weights and sampling")
-    p.add_argument("--cases", type=int, default=DEMO_CONFIG["phantom_val"], help="held-out cases to sample")
+    p.add_argument("--steps", type=int_at_least(1), default=DEMO_CONFIG["steps"], help="training steps")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of data, weights and sampling")
+    p.add_argument("--cases", type=int_at_least(1), default=DEMO_CONFIG["phantom_val"], help="held-out cases to sample")
     add_sampling_flags(p)
     p.set_defaults(ensemble=5, sampling_steps=10)
     return p

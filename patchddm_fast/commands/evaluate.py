@@ -62,6 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="layout of a --gt dataset folder")
     p.add_argument("--figures", nargs="?", const="", default=None, metavar="DIR",
                    help="write a PNG per case and a summary figure (default folder: <out stem>_figures)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing metrics JSON/CSV (never an input)")
     p.add_argument("--quiet", action="store_true", help="do not print the summary table")
     return p
 
@@ -169,14 +170,32 @@ def evaluate_folders(pred_dir, gt, *, labels: str = "binary", layout: str = "aut
     )
 
 
-def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
-    """Strict JSON (no NaN/Infinity) plus a long-format CSV (one row per case and region) beside it."""
+def check_metrics_targets(result: Dict[str, Any], out: Path, overwrite: bool) -> None:
+    """--out must be a file path; its JSON and CSV never replace an input, nor an existing file without --overwrite."""
+    from patchddm_fast.io.errors import DatasetError
+    from patchddm_fast.safe_paths import check_targets
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    if out.is_dir():
+        raise DatasetError(f"{out}: --out must be the path of a JSON file, but it is a folder")
+    inputs = [f for rec in result["cases"] for f in (rec["pred"], rec["gt"])]
+    check_targets([out, out.with_suffix(".csv")], overwrite=overwrite, inputs=inputs, folder=out.parent)
+
+
+def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
+    """Strict JSON (no NaN/Infinity) plus a long-format CSV (one row per case and region) beside it;
+    both written atomically."""
+    import io
+
+    from patchddm_fast.checkpoint import atomic_write_text
+    from patchddm_fast.safe_paths import output_folder
+
+    out = Path(out)
+    output_folder(out.parent, "the --out file's folder")
+    atomic_write_text(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
     csv_path = out.with_suffix(".csv")
     regions = list(result["regions"])
-    with open(csv_path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(["case", "region", "dice", "hd95_mm", "gt_voxels", "pred_voxels"])
         for rec in result["cases"]:
@@ -184,6 +203,7 @@ def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
                 r = rec[name]
                 w.writerow([rec["case"], name, repr(r["dice"]), "inf" if r["hd95"] is None else repr(r["hd95"]),
                             r["gt_voxels"], r["pred_voxels"]])
+        atomic_write_text(csv_path, f.getvalue())
     return out, csv_path
 
 
@@ -203,7 +223,9 @@ def write_figures(result: Dict[str, Any], pred_dir: Path, gt: Path, folder: Path
     from patchddm_fast.io.nifti import load_volume
     from patchddm_fast.report import case_figure, summary_figure
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from patchddm_fast.safe_paths import check_case_id, confined, output_folder
+
+    output_folder(folder, "--figures")
     _, flairs = ground_truth(gt, layout)
     written = []
     for rec in result["cases"]:
@@ -217,7 +239,7 @@ def write_figures(result: Dict[str, Any], pred_dir: Path, gt: Path, folder: Path
         first = next(iter(result["regions"]))
         h = rec[first]["hd95"]
         title = f"{cid}: {first} Dice {rec[first]['dice']:.3f}, HD95 {'inf' if h is None else f'{h:.1f}'} mm"
-        written.append(case_figure(flair, gt_arr, prob, var, folder / f"{cid}.png", title=title,
+        written.append(case_figure(flair, gt_arr, prob, var, confined(folder, f"{check_case_id(cid)}.png"), title=title,
                                    spacing=rec["spacing"]))
     written.append(summary_figure(result, folder / "summary.png"))
     return written
@@ -225,6 +247,7 @@ def write_figures(result: Dict[str, Any], pred_dir: Path, gt: Path, folder: Path
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(Path(args.pred), Path(args.gt), labels=args.labels, layout=args.layout)
+    check_metrics_targets(result, Path(args.out), args.overwrite)
     json_path, csv_path = write_metrics(result, Path(args.out))
     if args.figures is not None:
         folder = Path(args.figures) if args.figures else json_path.with_name(json_path.stem + "_figures")

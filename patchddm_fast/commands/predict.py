@@ -29,6 +29,7 @@ OUTPUT_SUFFIXES = ("_seg", "_prob", "_var")
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from patchddm_fast.commands.sample import add_memory_budget_flag
+    from patchddm_fast.validation import float_in, int_at_least
     from patchddm_fast.io.layouts import LAYOUTS
 
     p = sub.add_parser(
@@ -42,11 +43,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a case folder, a dataset folder (BraTS / nnU-Net / preprocessed), or the image files of one "
                         "case in channel order t1 t1ce t2 flair")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not be an input folder)")
-    p.add_argument("--ensemble", type=int, default=5, help="samples per case; mean = prediction, variance = uncertainty")
-    p.add_argument("--steps", "--sampling-steps", dest="steps", type=int, default=20,
+    p.add_argument("--ensemble", type=int_at_least(1), default=5, help="samples per case; mean = prediction, variance = uncertainty")
+    p.add_argument("--steps", "--sampling-steps", dest="steps", type=int_at_least(1), default=20,
                    help="DDIM steps per sample (about 20 match 1000)")
     p.add_argument("--seed", "--sampling-seed", dest="seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--threshold", type=float, default=0.5, help="mask = ensemble mean > threshold")
+    p.add_argument("--threshold", type=float_in(0.0, 1.0), default=0.5, help="mask = ensemble mean > threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout of a folder input")
     p.add_argument("--cases", nargs="+", default=None, metavar="ID", help="only these case ids of a dataset folder")

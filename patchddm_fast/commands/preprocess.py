@@ -18,6 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from patchddm_fast.io.layouts import LAYOUTS
     from patchddm_fast.io.preprocess import LABEL_MODES, PreprocessConfig
     from patchddm_fast.io.splits import SPLIT_NAMES
+    from patchddm_fast.validation import int_at_least
 
     d = PreprocessConfig()
     p = sub.add_parser(
@@ -32,22 +33,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
     p.add_argument("--lower", type=float, default=d.lower_percentile, help="lower clipping percentile (brain voxels)")
     p.add_argument("--upper", type=float, default=d.upper_percentile, help="upper clipping percentile (brain voxels)")
-    p.add_argument("--multiple", type=int, default=d.multiple, help="pad/crop every axis to a multiple of this")
+    p.add_argument("--multiple", type=int_at_least(1), default=d.multiple, help="pad/crop every axis to a multiple of this")
     p.add_argument("--no-cube", action="store_true", help="pad each axis separately instead of to a common cube")
     p.add_argument("--target-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="exact network grid (overrides --multiple/--no-cube)")
     p.add_argument("--label-mode", default=d.label_mode, choices=LABEL_MODES,
                    help="binary: whole tumour (label > 0); multiclass: keep label values")
-    p.add_argument("--workers", type=int, default=1, help="parallel preprocessing processes")
+    p.add_argument("--workers", type=int_at_least(1), default=1, help="parallel preprocessing processes")
     p.add_argument("--split", default=None,
                    help=f"write a split: a name {SPLIT_NAMES}, 'random' (seeded), or an existing JSON file to check")
     p.add_argument("--split-out", default=None, metavar="JSON", help="where to write the split (default: print it)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random split")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction of a random split")
     p.add_argument("--test-fraction", type=float, default=0.1, help="test fraction of a random split")
-    p.add_argument("--benchmark", type=int, default=0, metavar="N",
+    p.add_argument("--benchmark", type=int_at_least(0), default=0, metavar="N",
                    help="after caching, time N random training patches read through a DataLoader")
-    p.add_argument("--patch-size", type=int, default=128, help="patch edge for --benchmark")
+    p.add_argument("--patch-size", type=int_at_least(1), default=128, help="patch edge for --benchmark")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -61,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = PreprocessConfig(lower_percentile=args.lower, upper_percentile=args.upper, multiple=args.multiple,
                            cube=not args.no_cube, target_shape=tuple(args.target_shape) if args.target_shape else None,
                            label_mode=args.label_mode)
+    if args.cache is not None:
+        from patchddm_fast.safe_paths import output_folder
+
+        output_folder(args.cache, "--cache")
     ds = open_dataset(args.data, layout=args.layout)
     print(f"{args.data}: layout {ds.layout}, {len(ds.cases)} case(s), channels {', '.join(ds.channel_names)}",
           file=sys.stderr)

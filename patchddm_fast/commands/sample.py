@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from patchddm_fast.validation import float_in, int_at_least
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ensemble", type=int, default=5, help="samples per case; mean = prediction, variance = uncertainty")
-    p.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps per sample (about 20 match 1000)")
+    p.add_argument("--ensemble", type=int_at_least(1), default=5,
+                   help="samples per case; mean = prediction, variance = uncertainty")
+    p.add_argument("--sampling-steps", type=int_at_least(1), default=20, help="DDIM steps per sample (about 20 match 1000)")
     p.add_argument("--sampling-seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic DDIM (the paper), 1 DDPM-like")
+    p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM eta: 0 is deterministic DDIM (the paper), 1 DDPM-like")
     p.add_argument("--threshold", type=float, default=0.5, help="mask = ensemble mean > threshold")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_memory_budget_flag(p)
@@ -30,7 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint written by `patchddm train`")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--cases", type=int, default=None, help="number of held-out phantom cases (default: the run's phantom_val)")
+    p.add_argument("--cases", type=int_at_least(1), default=None,
+                   help="number of held-out phantom cases (default: the run's phantom_val)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     add_sampling_flags(p)
     return p
@@ -45,13 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from patchddm_fast.trainer import resolve_device
 
     model, diffusion, cfg_dict = load_for_inference(args.model, device=resolve_device(args.device))
-    config = TrainConfig.from_dict(cfg_dict)
+    config = TrainConfig.from_dict(cfg_dict, source=f"checkpoint {args.model}")
     if args.cases is not None:
         config.phantom_val = args.cases
     multiple = model.size_multiple * (2 if config.method == "halfres" else 1)
     _, val_cases = load_cases(config, multiple)
     metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
                              steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
-                             memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold)
+                             memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
+                             overwrite=args.overwrite)
     print(format_table(metrics))
     return 0

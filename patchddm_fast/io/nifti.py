@@ -81,12 +81,54 @@ def check_gzip_stream(path: PathLike) -> None:
         raise DatasetError(f"{path}: truncated or corrupt image data (gzip stream: {exc})") from exc
 
 
+GZIP_MAX_RATIO = 1032  # deflate cannot compress more than ~1032:1, so a .gz of n bytes holds < 1032 n
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_claimed_size(img: nib.Nifti1Image, path: PathLike, dtype=np.float32) -> None:
+    """Compare the voxel count the header claims with what the file can hold and memory can take.
+
+    A damaged header claiming 20000^3 voxels would otherwise fail deep inside decoding as a
+    MemoryError (or allocate for minutes); this says what the header claims and why it is
+    impossible, naming the file.
+    """
+    path = Path(path)
+    shape = tuple(int(s) for s in img.shape)
+    voxels = int(np.prod(shape, dtype=object))
+    stored = voxels * int(img.get_data_dtype().itemsize)
+    size = path.stat().st_size
+    claim = f"header claims shape {shape} ({stored / 1e9:.3g} GB of voxel data)"
+    if path.suffix == ".gz":
+        if stored > GZIP_MAX_RATIO * size + 1024:
+            raise DatasetError(f"{path}: {claim}, more than a {size}-byte gzip file can hold; "
+                               f"the header is corrupt or the file truncated")
+    else:
+        offset = int(getattr(img.dataobj, "offset", 0) or 0)
+        if offset + stored > size:
+            raise DatasetError(f"{path}: {claim} from byte {offset}, but the file has {size} bytes; "
+                               f"the header is corrupt or the file truncated")
+    needed = voxels * np.dtype(dtype).itemsize
+    memory = _physical_memory()
+    if memory and needed > memory:
+        raise DatasetError(f"{path}: {claim}; as {np.dtype(dtype).name} that needs {needed / 1e9:.3g} GB, more than "
+                           f"this machine's {memory / 1e9:.3g} GB of memory; the header is probably corrupt")
+
+
 def read_array(img: nib.Nifti1Image, path: PathLike, dtype=np.float32) -> np.ndarray:
     """Decode the full voxel array (scaling applied) as ``dtype``; reject damaged or non-finite data."""
     path = Path(path)
+    check_claimed_size(img, path, dtype)
     check_gzip_stream(path)
     try:
         data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise DatasetError(f"{path}: not enough memory to decode shape {tuple(img.shape)}") from None
     except Exception as exc:
         raise DatasetError(
             f"{path}: truncated or corrupt image data ({type(exc).__name__}: {exc})"
