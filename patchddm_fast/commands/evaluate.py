@@ -191,7 +191,7 @@ def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
     from patchddm_fast.safe_paths import output_folder
 
     out = Path(out)
-    output_folder(out.parent, "the --out file's folder")
+    output_folder(out.parent, "--out's folder")
     atomic_write_text(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
     csv_path = out.with_suffix(".csv")
     regions = list(result["regions"])
