@@ -148,8 +148,9 @@ def test_refuses_input_folders_and_existing_outputs(stand_in, data, tmp_path):
     inner = ds / "predictions"
     assert run_cli("--model", "m", "--input", ds, "--out", inner, "--ensemble", 1, "--quiet") == 0
     assert run_cli("--model", "m", "--input", ds, "--out", tmp_path / "again", "--ensemble", 1, "--quiet") == 0
-    with pytest.raises(ValueError, match="--ensemble"):
+    with pytest.raises(SystemExit) as exc:  # rejected by the flag's type, before anything runs
         run_cli("--model", "m", "--input", case_dir, "--out", tmp_path / "x", "--ensemble", 0)
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
 
 
 def test_real_tiny_checkpoint_end_to_end(data, tmp_path):
