@@ -416,6 +416,21 @@ def test_output_path_that_is_a_file(world, capsys):
     assert snapshot(world["root"]) == before
 
 
+def test_output_folder_that_cannot_be_written(world, capsys, monkeypatch):
+    """A read-only --out (simulated: these tests run as root, which ignores permission bits, so
+    os.access is told the folder is read-only) gives one line naming the folder."""
+    ro = world["root"] / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real_access(p, mode, **kw))
+    before = snapshot(world["root"])
+    for argv, flag in ((predict_args(world, ro), "--out"), (["train", *TINY, "--steps", 1, "--out-dir", ro], "out_dir"),
+                       (["sample", "--model", world["ckpt"], "--out", ro, "--quiet"], "--out")):
+        rc, err = run(argv, capsys)
+        assert rc == 2 and last_line(err) == f"patchddm {argv[0]}: error: {ro}: {flag} folder is not writable"
+    assert snapshot(world["root"]) == before
+
+
 def test_symlink_loops_in_a_case_folder(world, capsys):
     os.symlink("loop", world["case"] / "loop")
     before = snapshot(world["root"])

@@ -60,6 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.checkpoint import atomic_write_text
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.data.sources import load_cases
     from patchddm_fast.showcase import evaluate_cases, format_table
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.quiet, memory_budget=args.memory_budget, eta=args.eta,
                              threshold=args.threshold)
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(format_table(metrics))
     print(f"trained {trainer.step} steps in {train_s:.0f} s; total {metrics['timing_s']['total']:.0f} s; "
           f"results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")
