@@ -63,8 +63,6 @@ def learning_rate(base: float, step: int, total: int, schedule: str = "constant"
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-
-
 class Trainer:
     """Train a PatchDDM / HalfRes / FullRes model.
 

@@ -265,6 +265,27 @@ def test_files_that_are_not_checkpoints(world, capsys, content, expected):
     assert snapshot(world["root"]) == before
 
 
+class Payload:
+    """Stands for an attacker's object: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_pickled_objects_and_folders_are_not_loaded(world, capsys, monkeypatch):
+    monkeypatch.chdir(world["root"])
+    evil = world["root"] / "evil.pt"
+    torch.save({"model": {}, "config_json": "{}", "x": Payload()}, evil)
+    folder = world["root"] / "folder.pt"
+    folder.mkdir()
+    before = snapshot(world["root"])
+    for bad, expected in ((evil, "cannot be read safely"), (folder, "is not a file")):
+        rc, err = run(["sample", "--model", bad, "--out", world["root"] / "s", "--quiet"], capsys)
+        assert rc == 2 and str(bad) in last_line(err) and expected in last_line(err)
+    assert not (world["root"] / "pwned.txt").exists()
+    assert snapshot(world["root"]) == before
+
+
 def test_format_1_checkpoints_without_digest_still_load(world):
     from patchddm_fast.checkpoint import load_for_inference
 
