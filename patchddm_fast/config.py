@@ -19,6 +19,9 @@ PAPER_ARCH: Dict[str, Any] = dict(
 PAPER_DIFFUSION: Dict[str, Any] = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_x0=True)
 
 
+RUN_RECORD_KEYS = ("world_size",)  # written to a run's config.json next to the settings
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
@@ -72,6 +75,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        # config.json of a run folder also records how it ran (not a setting): accept it back.
+        d = {k: v for k, v in d.items() if k not in RUN_RECORD_KEYS}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
