@@ -49,6 +49,7 @@ class DistContext:
     local_rank: int = 0
     backend: Optional[str] = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    owns_group: bool = False  # this init() started the process group (and shutdown() ends it)
 
     @property
     def enabled(self) -> bool:
@@ -114,15 +115,18 @@ def init(device_name: str = "auto") -> Tuple[DistContext, torch.device]:
     device = local_device(device_name, local_rank, distributed=True)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timeout_seconds()
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()
+    if owner:
         kwargs = dict(device_id=device) if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
-    return DistContext(rank, world, local_rank, backend, timeout), device
+    else:
+        backend = dist.get_backend()
+    return DistContext(rank, world, local_rank, backend, timeout, owner), device
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (after a clean run; a failed one just exits)."""
-    if ctx.enabled:
+    """Leave the process group if ``ctx``'s init() started it (after a clean run; a failed one just exits)."""
+    if ctx.enabled and ctx.owns_group:
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -186,7 +190,7 @@ def agree(fn: Callable[[], T], ctx: DistContext) -> T:
     otherwise leave the others blocked in the next collective until the timeout."""
     try:
         result, error = fn(), None
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised below on this rank, reported on the others
         result, error = None, exc
     if not ctx.enabled:
         if error is not None:
@@ -271,3 +275,24 @@ def reduce_ensemble(local: torch.Tensor, ensemble: int, ctx: DistContext) -> Tup
     if ctx.enabled:
         dist.all_reduce(m2)
     return mean.float(), (m2 / ensemble).float()
+
+
+def sharded_ensemble_segmenter(ctx: DistContext) -> Callable[..., Any]:
+    """A drop-in for :func:`patchddm_fast.sampling.segment_volume` that spreads one case's
+    ensemble over the ranks: rank r computes members r, r + N, ... (each exactly the member
+    a single process would compute) and :func:`reduce_ensemble` combines them.  Every rank
+    returns the same result; only the caller's rank 0 should write it."""
+
+    def segment(model: torch.nn.Module, diffusion: Any, image: torch.Tensor, *, ensemble: int = 5,
+                threshold: float = 0.5, **kwargs: Any):
+        from patchddm_fast.sampling import SegmentationResult, segment_volume
+
+        mine = list(range(ctx.rank, ensemble, ctx.world_size))
+        res = segment_volume(model, diffusion, image, ensemble=ensemble, threshold=threshold, members=mine,
+                             keep_samples=True, **kwargs)
+        device = next(model.parameters()).device if ctx.backend == "nccl" else torch.device("cpu")
+        mean, var = reduce_ensemble(res.samples.to(device), ensemble, ctx)
+        mean, var = mean.cpu(), var.cpu()
+        return SegmentationResult(mean=mean, var=var, mask=mean > threshold)
+
+    return segment
