@@ -239,9 +239,9 @@ def collective_failure(exc: BaseException, ctx: DistContext, step: int) -> Runti
     """The one-line error a rank reports when a step fails under DDP (a peer died, hung or erred)."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return RuntimeError(
-        f"{ctx.describe()} stopped at training step {step + 1}: {first}. Another rank was probably killed, "
-        f"crashed or hung (process-group timeout {ctx.timeout_s:g}s, {TIMEOUT_ENV}); restart the same command to "
-        f"resume from the last checkpoint")
+        f"{ctx.describe()} stopped at training step {step + 1}: {first}. When another rank is killed, crashes or "
+        f"hangs, the others stop like this within the process-group timeout ({ctx.timeout_s:g}s, {TIMEOUT_ENV}); "
+        f"restart the same command to resume from the last checkpoint")
 
 
 def maybe_inject_fault(ctx: DistContext, step: int) -> None:
