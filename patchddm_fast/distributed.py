@@ -144,8 +144,8 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
-                                   broadcast_buffers=False)
+    # The network has no buffers, so DDP's per-forward buffer broadcast has nothing to do.
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 
 
 def global_indices(ctx: DistContext, batch_size: int) -> range:
