@@ -255,3 +255,42 @@ def test_simulator_counts_ddp_buckets():
     grad_bytes = plain.totals[WEIGHTS]  # fp32 parameters: one gradient copy has their size
     assert ddp.breakdown[GRADIENTS] - plain.breakdown[GRADIENTS] == grad_bytes
     assert ddp.peak_allocated_bytes - plain.peak_allocated_bytes == grad_bytes
+
+
+def test_sharding_helpers_and_reduction_in_one_process(monkeypatch):
+    from patchddm_fast import distributed
+
+    items = list("abcdefg")
+    shards = [distributed.shard(items, distributed.DistContext(r, 3)) for r in range(3)]
+    assert shards == [list("adg"), list("be"), list("cf")]
+    assert list(distributed.global_indices(distributed.DistContext(2, 4), 3)) == [6, 7, 8]
+    x = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
+    mean, var = distributed.reduce_ensemble(x, 5, distributed.DistContext())
+    ref = x.double().numpy()
+    np.testing.assert_array_equal(mean.numpy(), ref.mean(0).astype(np.float32))
+    np.testing.assert_allclose(var.numpy(), ref.var(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="global batch 2.*global batch 4"):
+        distributed.check_resume_world("x.pt", 2, 1, 4, 1)
+    distributed.check_resume_world("x.pt", 2, 1, 1, 2)  # same global batch: allowed
+    assert cli_main(["train", "--nproc", "0"]) == 2
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(["train", "--nproc", "2"]) == 2  # under torchrun already
+
+
+def test_ensemble_members_are_the_full_ensembles_members():
+    """segment_volume(members=...) skips the others' network passes but not their noise."""
+    from patchddm_fast.diffusion import Diffusion
+    from patchddm_fast.nn.unet import UNet3D
+    from patchddm_fast.sampling import segment_volume
+
+    torch.manual_seed(0)
+    model = UNet3D.from_preset("patchddm", **{k: tuple(v) if isinstance(v, list) else v for k, v in ARCH.items()})
+    image = torch.rand(4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(method="patchddm", ensemble=3, steps=2, seed=5, progress=False, keep_samples=True)
+    for eta in (0.0, 1.0):  # eta > 0 draws noise at every step too
+        full = segment_volume(model, Diffusion(), image, eta=eta, **kw).samples
+        part = segment_volume(model, Diffusion(), image, eta=eta, members=[2, 0], **kw).samples
+        assert torch.equal(part, full[[0, 2]])
+    with pytest.raises(ValueError, match="members"):
+        segment_volume(model, Diffusion(), image, members=[3], **kw)
