@@ -6,8 +6,10 @@ A case is anything with ``case_id``, ``shape`` (its padded grid) and
 :mod:`patchddm_fast.io.cache` (real datasets, which never fit in memory whole).  The
 :class:`BatchSampler` reads only the window it needs each step.
 
-Every random choice of step k comes from generators seeded with (seed, k), so an
-interrupted run resumes *exactly*: there is no RNG state to save or restore.
+Every random choice of sample i of step k comes from generators seeded with (seed, k, i)
+(plain (seed, k) for i = 0), so an interrupted run resumes *exactly* -- there is no RNG
+state to save or restore -- and data-parallel ranks draw their shares of a global batch
+independently.
 """
 from __future__ import annotations
 
