@@ -22,6 +22,9 @@ PAPER_ARCH: Dict[str, Any] = dict(
 PAPER_DIFFUSION: Dict[str, Any] = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_x0=True)
 
 
+RUN_RECORD_KEYS = ("world_size",)  # written to a run's config.json next to the settings
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
@@ -79,6 +82,8 @@ class TrainConfig:
         if not isinstance(d, Mapping):
             raise v.ConfigError(f"{_source_of(source, '')}: settings must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        # config.json of a run folder also records how it ran (not a setting): accept it back.
+        d = {k: v for k, v in d.items() if k not in RUN_RECORD_KEYS}
         unknown = sorted(set(d) - names)
         if unknown:
             where = _source_of(source, unknown[0])

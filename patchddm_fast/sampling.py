@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ def segment_volume(
     keep_samples: bool = False,
     autocast: Optional[contextlib.AbstractContextManager] = None,
     memory_budget: Union[str, int, None] = None,
+    members: Optional[Sequence[int]] = None,
 ) -> SegmentationResult:
     """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
 
@@ -84,11 +85,17 @@ def segment_volume(
             skip offload and tiling for this volume; its precision is used unless
             ``autocast`` is given.  A CUDA out-of-memory error is answered with the
             planner's suggestion either way.
+        members: compute only these ensemble members (0-based, of ``ensemble``); the
+            others' random draws are made and discarded without the network, so member k
+            is bit-identical to member k of the full ensemble.  mean/var/mask then describe
+            only these members (the distributed predictor reduces them over ranks).
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    if members is not None and any(not 0 <= int(m) < ensemble for m in members):
+        raise ValueError(f"members must lie in [0, {ensemble}), got {list(members)}")
     param = next(model.parameters())
     device = param.device
     flush_denormals_on_cpu(device)
@@ -107,7 +114,7 @@ def segment_volume(
 
         planned = planned_inference(model, memory_budget, method, max(cond.shape[-3:]))
     samples = []
-    bar = tqdm(total=ensemble * steps, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
+    bar = tqdm(total=(ensemble if members is None else len(set(members))) * steps, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
     try:
         with planned as (_, precision):
             ctx, net_cond = autocast, cond
@@ -121,7 +128,14 @@ def segment_volume(
                 with ctx:
                     return model(network_input(net_cond, x_t.to(net_cond.dtype)), t).float()
 
+            chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
             for member in range(ensemble):
+                if member not in chosen:
+                    # Same shapes, same draws from the generator, no network: keeps later members' noise.
+                    for _ in diffusion.ddim_loop(lambda x_t, t: torch.zeros_like(x_t), grid, steps, eta=eta,
+                                                 generator=generator, device=device):
+                        pass
+                    continue
                 bar.set_postfix(sample=f"{member + 1}/{ensemble}")
                 x = None
                 for _, x, _ in diffusion.ddim_loop(eps_model, grid, steps, eta=eta, generator=generator, device=device):
@@ -140,6 +154,10 @@ def segment_volume(
     finally:
         bar.close()
         model.train(was_training)
+    if not samples:  # a rank with no members of this ensemble
+        empty = torch.zeros((0, *shape))
+        return SegmentationResult(mean=empty.sum(0), var=empty.sum(0), mask=empty.sum(0) > threshold,
+                                  samples=empty if keep_samples else None)
     stack = torch.stack(samples)
     assert tuple(stack.shape[1:]) == shape, (stack.shape, shape)
     mean = stack.mean(0)

@@ -6,6 +6,11 @@ the mask channel, step AdamW through the precision policy's loss scaler, and eve
 often validate (Dice on whole held-out volumes sampled with DDIM) and save
 ``out_dir/last.pt``.  Because each step's randomness depends only on (seed, step), a
 resumed run reproduces the uninterrupted run's losses exactly.
+
+Under torchrun (:mod:`patchddm_fast.distributed`) the network is wrapped in
+DistributedDataParallel; rank r draws samples r*B .. r*B+B-1 of each step's global batch
+(every sample keyed by (seed, step, global index)), validation cases are sharded over the
+ranks, and rank 0 alone writes the run folder.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ from patchddm_fast.checkpoint import (NonFiniteWeightsError, atomic_write_text, 
                                       load_checkpoint, remove_stale_temp_files, save_checkpoint)
 from patchddm_fast.conditioning import network_input
 from patchddm_fast.config import TrainConfig
+from patchddm_fast import distributed
 from patchddm_fast.data.cases import BatchSampler, CaseSource, read_whole, step_generators
 from patchddm_fast.devices import resolve_device  # noqa: F401  (re-exported: commands import it from here)
 from patchddm_fast.diffusion import Diffusion
@@ -94,7 +100,7 @@ class Trainer:
             config = TrainConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
         self.out_dir = Path(config.out_dir)
-        self.device = resolve_device(config.device)
+        self.dist, self.device = distributed.init(config.device)
         flush_denormals_on_cpu(self.device)
         if config.memory_budget:
             self._apply_memory_plan()
@@ -102,6 +108,7 @@ class Trainer:
         self.diffusion = Diffusion(**config.diffusion)
         torch.manual_seed(config.seed)  # initial weights
         self.model = build_model(config.to_dict()).to(self.device)
+        self.net: torch.nn.Module = self.model  # DistributedDataParallel(model) once fit() starts on several ranks
         if config.offload != "none":
             from patchddm_fast.memory import configure
 
@@ -130,7 +137,7 @@ class Trainer:
         multiple = 2 ** (len(arch["channel_mult"]) - 1)
         patch_sizes = tuple(s for s in (cfg.patch_size, cfg.patch_size // 2) if s >= multiple and s % multiple == 0)
         p = plan(cfg.memory_budget, preset=cfg.method, mode="train", precision=cfg.precision, patch_sizes=patch_sizes,
-                 model_kwargs=arch)
+                 model_kwargs=arch, ddp=self.dist.enabled)
         if not p.fits:
             raise RuntimeError(p.format_text())
         settings = {k: v for k, v in p.settings.items()
@@ -156,10 +163,14 @@ class Trainer:
             step=self.step,
             losses=torch.tensor(self.losses, dtype=torch.float64),
             validations_json=json.dumps(self.validations),
+            world_size=self.dist.world_size,
         )
 
     def save(self, path: Optional[Path] = None) -> Path:
+        """Write the checkpoint (rank 0 only under DDP: the ranks' states are identical)."""
         path = Path(path) if path else self.out_dir / "last.pt"
+        if not self.dist.is_main:
+            return path
         try:
             save_checkpoint(path, self._state(), self.config.to_dict())
         except NonFiniteWeightsError:
@@ -173,6 +184,8 @@ class Trainer:
         if config.get("model") != self.config.to_dict()["model"] or config.get("method") != self.config.method:
             raise ValueError(f"checkpoint {path} was trained with a different method/architecture than this config")
         check_weights_match(self.model, state["model"], path, config)
+        distributed.check_resume_world(path, int(state.get("world_size", 1)), int(config.get("batch_size", 1)),
+                                       self.dist.world_size, self.config.batch_size)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
@@ -183,16 +196,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, sampler: BatchSampler) -> float:
-        rng, gen = step_generators(self.config.seed, self.step)
-        cond, x0 = sampler.batch(rng, self.config.batch_size)
-        t = self.diffusion.sample_t(cond.shape[0], generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        cond, x0, t, noise = self.draw_batch(sampler, distributed.global_indices(self.dist, self.config.batch_size))
         cond, x0, t, noise = (v.to(self.device) for v in (cond, x0, t, noise))
         self.model.train()
         with self.precision.autocast():
-            loss = self.diffusion.training_loss(self.model, cond, x0, t, noise, network_input)
-        if not torch.isfinite(loss):
-            raise self._divergence(f"the loss of step {self.step + 1} became {loss.item()}")
+            loss = self.diffusion.training_loss(self.net, cond, x0, t, noise, network_input)
+        # Every rank checks the same (global batch) loss, so all stop together on a non-finite one.
+        reported = distributed.mean_over_ranks(loss.detach(), self.dist)
+        if not torch.isfinite(reported):
+            raise self._divergence(f"the loss of step {self.step + 1} became {reported.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
         scaler.scale(loss).backward()
@@ -206,13 +218,31 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.step += 1
-        value = float(loss.detach())
+        value = float(reported)
         self.losses.append(value)
         return value
 
+    def draw_batch(self, sampler: BatchSampler, indices) -> Tuple[torch.Tensor, ...]:
+        """(cond, x0, t, noise) of the given global sample indices of this step.
+
+        Each sample has its own generators keyed by (seed, step, index); index 0 is the
+        (seed, step) draw of batch-1 runs, so those are unchanged.  (Batch > 1 before data
+        parallelism drew all samples from one (seed, step) stream, so its samples differ.)"""
+        parts = []
+        for index in indices:
+            rng, gen = step_generators(self.config.seed, self.step, index)
+            cond, x0 = sampler.batch(rng, 1)
+            t = self.diffusion.sample_t(1, generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            parts.append((cond, x0, t, noise))
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(column) for column in zip(*parts))
+
     def validate(self, cases: List[CaseSource]) -> Dict[str, Any]:
+        """Dice of every case; on several ranks each rank segments its share and all see all scores."""
         scores = []
-        for case in cases:
+        for case in distributed.shard(cases, self.dist):
             image, label = read_whole(case)
             result = segment_volume(
                 self.model, self.diffusion, image, method=self.config.method,
@@ -220,6 +250,7 @@ class Trainer:
                 progress=False,
             )
             scores.append(dice(result.mask.numpy(), label.numpy()))
+        scores = distributed.gather_in_order(scores, len(cases), self.dist)
         record = dict(step=self.step, dice=float(np.mean(scores)) if scores else float("nan"), per_case=scores)
         self.validations.append(record)
         return record
@@ -246,17 +277,22 @@ class Trainer:
         cfg = self.config
         train_cases, val_cases = self._load_cases()
         last = self.out_dir / "last.pt"
-        if cfg.resume and last.exists():
-            self.load(last)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        self._truncate_log()
+        distributed.agree(lambda: self.load(last) if cfg.resume and last.exists() else None, self.dist)
+        distributed.same_on_all_ranks(self.step, f"the step resumed from {last}", self.dist)
+        self.net = distributed.wrap_ddp(self.model, self.dist, self.device)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.json",
+                              json.dumps(dict(cfg.to_dict(), world_size=self.dist.world_size), indent=2))
+            self._truncate_log()
         sampler = BatchSampler(train_cases, cfg.method, cfg.patch_size, cfg.patch_distribution)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+                   disable=not (cfg.progress and self.dist.is_main))
         t0 = time.perf_counter()
         try:
             while self.step < cfg.steps:
-                loss = self._oom_guard(self.train_step, sampler)
+                distributed.maybe_inject_fault(self.dist, self.step)
+                loss = self._step(sampler)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if cfg.log_every and self.step % cfg.log_every == 0:
@@ -265,7 +301,8 @@ class Trainer:
                 if cfg.val_every and self.step % cfg.val_every == 0 and val_cases:
                     rec = self.validate(val_cases)
                     self._log(dict(step=self.step, val_dice=rec["dice"]))
-                    bar.write(f"step {self.step}: validation Dice {rec['dice']:.4f}")
+                    if self.dist.is_main:
+                        bar.write(f"step {self.step}: validation Dice {rec['dice']:.4f}")
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                     self.save()
         finally:
@@ -275,6 +312,17 @@ class Trainer:
             self._log(dict(step=self.step, val_dice=rec["dice"]))
         self.save()
         return dict(losses=self.losses, validations=self.validations, checkpoint=str(last))
+
+    def _step(self, sampler: BatchSampler) -> float:
+        """One step; under DDP a failed collective (dead or hung peer) becomes a one-line error."""
+        if not self.dist.enabled:
+            return self._oom_guard(self.train_step, sampler)
+        try:
+            return self._oom_guard(self.train_step, sampler)
+        except (FloatingPointError, ValueError):
+            raise
+        except Exception as exc:
+            raise distributed.collective_failure(exc, self.dist, self.step) from exc
 
     # ------------------------------------------------------------------ plumbing
     def _oom_guard(self, fn, *args):
@@ -286,6 +334,8 @@ class Trainer:
             raise RuntimeError(oom_advice(exc, preset=self.config.method, mode="train")) from exc
 
     def _log(self, record: Dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         path = self.out_dir / "log.jsonl"
         try:
             with open(path, "a", encoding="utf-8") as f:

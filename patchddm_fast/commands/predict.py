@@ -12,6 +12,13 @@ their codes, zooms, units), so they overlay the scan in any viewer; plus ``predi
 is the one stored in the checkpoint (``config["preprocess"]``), so prediction sees exactly
 what training saw.  It refuses to write into an input folder and never overwrites an
 input file; existing outputs are replaced only with ``--overwrite``.
+
+Under torchrun (``torchrun --nproc_per_node N -m patchddm_fast predict ...``) the cases are
+sharded over the ranks (round robin; each rank writes its own cases' files, identical to a
+single process's) and rank 0 writes ``predict.json`` for all of them.  With fewer cases than
+ranks, each case's ensemble is spread over the ranks instead and its mean and variance are
+reduced across them in float64 (:func:`patchddm_fast.distributed.reduce_ensemble`); those
+agree with a single process's float32 statistics to float32 rounding.
 """
 from __future__ import annotations
 
@@ -122,8 +129,11 @@ def _fmt_seconds(s: float) -> str:
 def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ensemble: int, steps: int, seed: int,
                  threshold: float = 0.5, already_normalised: bool = False, image_channels: int = 4,
                  device: str = "cpu", progress: bool = True, figures: bool = False,
-                 segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None) -> Dict[str, Any]:
-    """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record."""
+                 segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None,
+                 write: bool = True) -> Dict[str, Any]:
+    """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record.
+
+    ``write=False``: segment only (a non-zero rank helping with a sharded ensemble)."""
     import torch
 
     from patchddm_fast.io.nifti import save_like
@@ -139,6 +149,8 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
     res = segment_fn(model, diffusion, image, method=method, ensemble=ensemble, steps=steps, seed=seed,
                      threshold=threshold, progress=progress, desc=case.case_id,
                      **({"memory_budget": memory_budget} if memory_budget else {}))
+    if not write:
+        return dict(case=case.case_id, seconds=round(time.perf_counter() - start, 3))
     box = prep.box
     # The ensemble mean of the final samples lies in about [-1.03, 1.03] (x0 clamped to [-1, 1]
     # plus the last step's noise); as a foreground probability it is clipped to [0, 1].
@@ -162,27 +174,34 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
                 seconds=round(time.perf_counter() - start, 3))
 
 
-def _pick_device(device: str) -> str:
-    from patchddm_fast.devices import resolve_device
-
-    return str(resolve_device(device))
-
-
 def run(args: argparse.Namespace) -> int:
-    from patchddm_fast.checkpoint import load_for_inference
-    from patchddm_fast.io.training import preprocess_config_for
+    from patchddm_fast import distributed
 
     if args.ensemble < 1 or args.steps < 1:
         raise ValueError(f"--ensemble and --steps must be >= 1 (got {args.ensemble}, {args.steps})")
-    cases, folders, normalised = resolve_inputs(args.input, layout=args.layout, case_id=args.case_id,
-                                                cases=args.cases, already_normalised=args.already_normalised)
+    ctx, torch_device = distributed.init(args.device)
+    try:
+        return _run(args, ctx, str(torch_device))
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(args: argparse.Namespace, ctx, device: str) -> int:
+    from patchddm_fast import distributed
+    from patchddm_fast.checkpoint import load_for_inference
+    from patchddm_fast.io.training import preprocess_config_for
+
+    cases, folders, normalised = distributed.agree(
+        lambda: resolve_inputs(args.input, layout=args.layout, case_id=args.case_id, cases=args.cases,
+                               already_normalised=args.already_normalised), ctx)
     out = Path(args.out)
-    check_output_folder(out, folders, cases, args.overwrite, figures=args.figures)
-    device = _pick_device(args.device)
+    # Every rank checks before any rank writes (a rank's fresh outputs would look like stale ones).
+    distributed.agree(lambda: check_output_folder(out, folders, cases, args.overwrite, figures=args.figures), ctx)
+    quiet = args.quiet or not ctx.is_main
     model, diffusion, cfg = load_for_inference(args.model, device=device)
     method = cfg["method"]
     multiple = int(getattr(model, "size_multiple", 1)) * (2 if method == "halfres" else 1)
-    if not cfg.get("preprocess") and not args.quiet:
+    if not cfg.get("preprocess") and not quiet:
         print(f"patchddm predict: {args.model} stores no preprocessing parameters; using the defaults",
               file=sys.stderr)
     pre = preprocess_config_for(cfg.get("preprocess"), multiple)
@@ -196,24 +215,40 @@ def run(args: argparse.Namespace) -> int:
     summary = dict(model=str(args.model), method=method, ensemble=args.ensemble, steps=args.steps, seed=args.seed,
                    threshold=args.threshold, device=device, preprocess=pre.to_dict(),
                    already_normalised=normalised, cases=records)
+    if ctx.enabled:
+        summary["device"] = device.split(":")[0]  # the same on every rank's machine
+        summary["world_size"] = ctx.world_size
     # Written first (and rewritten at the end) so a partly filled --out is already marked as predictions.
-    atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
+    if ctx.is_main:
+        atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
+    # Few cases, many ranks: every rank works on every case, each on its share of the ensemble.
+    spread_ensemble = ctx.enabled and len(cases) < ctx.world_size
+    mine = cases if (spread_ensemble or not ctx.enabled) else distributed.shard(cases, ctx)
+    segment_fn = distributed.sharded_ensemble_segmenter(ctx) if spread_ensemble else None
+    local: List[Dict[str, Any]] = []
     t0 = time.perf_counter()
-    for i, case in enumerate(cases, start=1):
+    for i, case in enumerate(mine, start=1):
         try:
             rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
                                seed=args.seed, threshold=args.threshold, already_normalised=normalised,
                                image_channels=int(cfg.get("image_channels", 4)), device=device,
-                               progress=not args.quiet, figures=args.figures, memory_budget=args.memory_budget)
+                               progress=not quiet, figures=args.figures, memory_budget=args.memory_budget,
+                               segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble)
         except NonFiniteSampleError as exc:
             raise NonFiniteSampleError(f"{args.model}: {exc}") from None
-        records.append(rec)
-        if not args.quiet:
+        local.append(rec)
+        if not args.quiet and (ctx.is_main or not spread_ensemble):
             elapsed = time.perf_counter() - t0
-            eta = elapsed / i * (len(cases) - i)
-            print(f"[{i}/{len(cases)}] {case.case_id}: {rec['seconds']:.1f}s, {rec['predicted_voxels']} voxels "
+            eta = elapsed / i * (len(mine) - i)
+            where = f"rank {ctx.rank}: " if ctx.enabled else ""
+            print(f"{where}[{i}/{len(mine)}] {case.case_id}: {rec['seconds']:.1f}s, {rec['predicted_voxels']} voxels "
                   f"segmented; elapsed {_fmt_seconds(elapsed)}, ETA {_fmt_seconds(eta)}", file=sys.stderr)
-    atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
-    if not args.quiet:
+    if spread_ensemble or not ctx.enabled:
+        records.extend(local)
+    else:
+        records.extend(distributed.gather_in_order(local, len(cases), ctx))
+    if ctx.is_main:
+        atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
+    if not quiet:
         print(f"wrote {3 * len(records)} NIfTI files for {len(records)} case(s) to {out}", file=sys.stderr)
     return 0

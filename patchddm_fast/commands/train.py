@@ -77,14 +77,51 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_flags(p)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine (one per GPU, or N CPU processes with "
+                        "gloo): launches `torchrun --standalone --nproc_per_node N -m patchddm_fast train ...`; the "
+                        "global batch is N x batch-size. Several machines: run torchrun yourself (see README)")
     return p
 
 
+def launch_torchrun(config: TrainConfig, nproc: int) -> int:
+    """Run this training under ``torch.distributed.run`` with ``nproc`` local processes; returns its exit code.
+
+    The resolved settings travel as a JSON config file, so every rank trains exactly the
+    configuration this command line describes."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="patchddm-train-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "patchddm_fast", "train", "--config", path]
+        return subprocess.call(cmd)
+    finally:
+        os.unlink(path)
+
+
 def run(args: argparse.Namespace) -> int:
+    from patchddm_fast import distributed
     from patchddm_fast.trainer import Trainer
 
-    trainer = Trainer(config_from_args(args))
+    config = config_from_args(args)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if distributed.launched_by_torchrun():
+            raise ValueError("--nproc launches torchrun itself; under torchrun leave it out")
+        if args.nproc > 1:
+            return launch_torchrun(config, args.nproc)
+    trainer = Trainer(config)
     history = trainer.fit()
-    print(json.dumps(dict(step=trainer.step, last_loss=history["losses"][-1] if history["losses"] else None,
-                          validations=history["validations"][-1:] , checkpoint=history["checkpoint"])))
+    if trainer.dist.is_main:
+        print(json.dumps(dict(step=trainer.step, last_loss=history["losses"][-1] if history["losses"] else None,
+                              validations=history["validations"][-1:], checkpoint=history["checkpoint"],
+                              world_size=trainer.dist.world_size)))
+    distributed.shutdown(trainer.dist)
     return 0

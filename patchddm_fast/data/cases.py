@@ -6,8 +6,10 @@ A case is anything with ``case_id``, ``shape`` (its padded grid) and
 :mod:`patchddm_fast.io.cache` (real datasets, which never fit in memory whole).  The
 :class:`BatchSampler` reads only the window it needs each step.
 
-Every random choice of step k comes from generators seeded with (seed, k), so an
-interrupted run resumes *exactly*: there is no RNG state to save or restore.
+Every random choice of sample i of step k comes from generators seeded with (seed, k, i)
+(plain (seed, k) for i = 0), so an interrupted run resumes *exactly* -- there is no RNG
+state to save or restore -- and data-parallel ranks draw their shares of a global batch
+independently.
 """
 from __future__ import annotations
 
@@ -62,9 +64,18 @@ def read_whole(case: CaseSource) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(np.asarray(image, dtype=np.float32)), torch.as_tensor(np.asarray(label)) > 0
 
 
-def step_generators(seed: int, step: int) -> Tuple[np.random.Generator, torch.Generator]:
-    """Independent numpy and torch generators for one training step (counter-based seeding)."""
-    rng = np.random.default_rng([seed, step])
+def step_generators(seed: int, step: int, index: int = 0) -> Tuple[np.random.Generator, torch.Generator]:
+    """Independent numpy and torch generators for sample ``index`` of one training step.
+
+    Counter-based: keyed by (seed, step, global sample index) only, so any rank of a
+    data-parallel run can draw any sample of the global batch without the others, and
+    N ranks x batch B see the same samples as 1 rank x batch N*B.  Index 0 uses the key
+    (seed, step) of the single-sample runs that came before data parallelism, so batch-1
+    training draws exactly what it always drew.
+    """
+    if index < 0:
+        raise ValueError(f"sample index must be >= 0, got {index}")
+    rng = np.random.default_rng([seed, step] if index == 0 else [seed, step, index])
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     return rng, gen
 

@@ -147,12 +147,15 @@ def _candidates(preset: str, mode: str, size: Optional[int], patch_sizes: Sequen
 
 def plan(gpu_memory: Union[str, int, float], preset: str = "patchddm", mode: str = "train",
          size: Optional[int] = None, precision: str = "auto", headroom: float = DEFAULT_HEADROOM,
-         patch_sizes: Sequence[int] = PATCH_SIZES, model_kwargs: Optional[Dict[str, Any]] = None) -> Plan:
+         patch_sizes: Sequence[int] = PATCH_SIZES, model_kwargs: Optional[Dict[str, Any]] = None,
+         ddp: bool = False) -> Plan:
     """The fastest engine settings for ``preset``/``mode`` that fit ``gpu_memory`` (e.g. "8GB").
 
     ``size`` pins the training patch / input edge (default: PatchDDM tries 128 then 64;
     FullRes 256, HalfRes 128; sampling uses the whole volume, 256 or 128).  Returns a
     :class:`Plan` with ``fits=False`` (and every candidate tried) when nothing fits.
+    ``ddp``: training under DistributedDataParallel; the plan is per rank (its local GPU)
+    and counts DDP's gradient buckets.
     """
     budget = parse_bytes(gpu_memory)
     if not 0.0 <= headroom < 1.0:
@@ -162,7 +165,7 @@ def plan(gpu_memory: Union[str, int, float], preset: str = "patchddm", mode: str
     tried: List[Candidate] = []
     for s, knobs, _cost in _candidates(preset, mode, size, patch_sizes):
         report = simulate(preset, mode, size=s, recipe="engine", precision=precision, steps=1, warm_start=True,
-                          model_kwargs=model_kwargs, **knobs)
+                          model_kwargs=model_kwargs, **({"ddp": True} if ddp and mode == "train" else {}), **knobs)
         ok, process = fits_budget(report, budget, headroom)
         settings = _settings(report, precision, mode, preset)
         tried.append(Candidate(settings, s, report.peak_allocated_bytes, process, ok, report.recompute_fraction))

@@ -23,6 +23,12 @@ The two recipes:
 * ``engine``: fused ops, bf16 (as on an Ampere+ GPU), block checkpointing for training,
   in-place skip averages, skips freed as soon as consumed, no-grad inference with the
   network input in the compute dtype, optional offload and tiled inference.
+
+``ddp=True`` adds DistributedDataParallel's gradient buckets to a training step: flat
+buffers holding a second copy of every gradient (``gradient_as_bucket_view=False``, DDP's
+default, which the trainer uses), allocated when DDP wraps the model and alive for the
+whole run (:func:`ddp_bucket_sizes`).  NCCL's own communication buffers are outside
+PyTorch's allocator and are not counted.
 """
 from __future__ import annotations
 
@@ -176,17 +182,43 @@ def _where_group(where: str) -> str:
     return ".".join(where.split(".")[:4])
 
 
+# DistributedDataParallel's bucketing (torch/nn/parallel/distributed.py): the first bucket is
+# capped at 1 MiB so communication starts early in backward, the others at bucket_cap_mb = 25.
+DDP_FIRST_BUCKET_BYTES = 1024 * 1024
+DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024
+
+
+def ddp_bucket_sizes(param_bytes: List[int], first_cap: int = DDP_FIRST_BUCKET_BYTES,
+                     cap: int = DDP_BUCKET_CAP_BYTES) -> List[int]:
+    """Bytes of each DDP gradient bucket for parameters of ``param_bytes`` (in model order).
+
+    DDP fills buckets in reverse parameter order (the order gradients become ready in
+    backward), closing a bucket once it reaches its cap (the first 1 MiB, then 25 MiB);
+    buckets together hold exactly one copy of every gradient."""
+    sizes: List[int] = []
+    current, limit = 0, first_cap
+    for nbytes in reversed(param_bytes):
+        current += nbytes
+        if current >= limit:
+            sizes.append(current)
+            current, limit = 0, cap
+    if current:
+        sizes.append(current)
+    return sizes
+
+
 @functools.lru_cache(maxsize=256)
 def _simulate_cached(preset: str, mode: str, size: int, batch: int, recipe: str, settings: Settings,
-                     steps: int, warm_start: bool, model_items: Tuple[Tuple[str, Any], ...]) -> MemoryReport:
-    return _run(preset, mode, size, batch, recipe, settings, steps, warm_start, dict(model_items))
+                     steps: int, warm_start: bool, model_items: Tuple[Tuple[str, Any], ...],
+                     ddp: bool = False) -> MemoryReport:
+    return _run(preset, mode, size, batch, recipe, settings, steps, warm_start, dict(model_items), ddp)
 
 
 def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] = None, recipe: str = "engine",
              precision: Optional[str] = None, checkpoint: Optional[str] = None, offload: Optional[str] = None,
              batch: int = 1, ops: Optional[str] = None, tiled: Optional[bool] = None,
              input_dtype: Optional[str] = None, steps: int = 2, warm_start: bool = False,
-             model_kwargs: Optional[Dict[str, Any]] = None) -> MemoryReport:
+             model_kwargs: Optional[Dict[str, Any]] = None, ddp: bool = False) -> MemoryReport:
     """Simulated device memory of one training step (``mode="train"``) or one network evaluation.
 
     Args:
@@ -202,6 +234,7 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
             untracked first, so ``steps=1`` measures the steady-state step at half the cost
             (the planner uses this; a test checks it gives the two-step peak).
         model_kwargs: UNet3D overrides (e.g. a tiny network for tests).
+        ddp: count DistributedDataParallel's gradient buckets (training; per rank).
 
     Results are cached per argument set (simulations are deterministic).
     """
@@ -218,11 +251,16 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
     if mode == "train" and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (model_kwargs or {}).items()))
+    if ddp and mode != "train":
+        raise ValueError("ddp=True describes a training step; sampling has no gradient buckets")
+    if ddp:
+        return _simulate_cached(preset, mode, int(size), int(batch), recipe, settings, int(steps), bool(warm_start),
+                                items, True)
     return _simulate_cached(preset, mode, int(size), int(batch), recipe, settings, int(steps), bool(warm_start), items)
 
 
 def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: Settings, steps: int,
-         warm_start: bool, model_kwargs: Dict[str, Any]) -> MemoryReport:
+         warm_start: bool, model_kwargs: Dict[str, Any], ddp: bool = False) -> MemoryReport:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from patchddm_fast.diffusion import Diffusion
@@ -255,6 +293,12 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
             model.set_offload(Offload(settings.offload, store=SimulatedHostStore(tracker), tiled=settings.tiled))
         tracker.register(model.parameters(), WEIGHTS)
         tracker.register(model.buffers(), WEIGHTS)
+        if ddp:
+            params = list(model.parameters())
+            sizes = ddp_bucket_sizes([p.numel() * p.element_size() for p in params])
+            buckets = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+            tracker.register(buckets, GRADIENTS, where="DDP gradient buckets")
+            notes.append(f"DDP gradient buckets: {len(sizes)} buckets, {sum(sizes)} bytes (one gradient copy)")
         hooks = tracker.module_hooks(model)
         grad_sids, opt_sids = set(), set()
         totals = {WEIGHTS: sum(p.numel() * p.element_size() for p in model.parameters()), GRADIENTS: 0, OPTIMIZER: 0}
