@@ -28,7 +28,7 @@ OUTPUT_SUFFIXES = ("_seg", "_prob", "_var")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from patchddm_fast.commands.sample import add_memory_budget_flag
+    from patchddm_fast.commands.sample import add_memory_budget_flag, add_sampler_flags
     from patchddm_fast.io.layouts import LAYOUTS
 
     p = sub.add_parser(
@@ -57,6 +57,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out (never inputs)")
     p.add_argument("--figures", action="store_true", help="also write <case>_prediction.png (FLAIR, mean, variance)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
+    add_sampler_flags(p)
     add_memory_budget_flag(p)
     return p
 
@@ -122,7 +123,8 @@ def _fmt_seconds(s: float) -> str:
 def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ensemble: int, steps: int, seed: int,
                  threshold: float = 0.5, already_normalised: bool = False, image_channels: int = 4,
                  device: str = "cpu", progress: bool = True, figures: bool = False,
-                 segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None) -> Dict[str, Any]:
+                 segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None,
+                 sampler: str = "ddim", member_batch: Optional[int] = None) -> Dict[str, Any]:
     """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record."""
     import torch
 
@@ -138,7 +140,9 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
     image = torch.from_numpy(prep.image).to(device)
     res = segment_fn(model, diffusion, image, method=method, ensemble=ensemble, steps=steps, seed=seed,
                      threshold=threshold, progress=progress, desc=case.case_id,
-                     **({"memory_budget": memory_budget} if memory_budget else {}))
+                     **({"memory_budget": memory_budget} if memory_budget else {}),
+                     **({"sampler": sampler} if sampler != "ddim" else {}),
+                     **({"member_batch": member_batch} if member_batch is not None else {}))
     box = prep.box
     # The ensemble mean of the final samples lies in about [-1.03, 1.03] (x0 clamped to [-1, 1]
     # plus the last step's noise); as a foreground probability it is clipped to [0, 1].
@@ -156,7 +160,7 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
 
         flair = loaded.image[min(3, loaded.image.shape[0] - 1)]
         case_figure(flair, None, mean, var, out_dir / f"{case.case_id}_prediction.png",
-                    title=f"{case.case_id} (ensemble {ensemble}, {steps} steps)", spacing=loaded.zooms)
+                    title=f"{case.case_id} (ensemble {ensemble}, {sampler} {steps} steps)", spacing=loaded.zooms)
     return dict(case=case.case_id, inputs=[str(f) for f in case.images], outputs=outputs, box=box.to_dict(),
                 shape=list(mask.shape), zooms=list(loaded.zooms), predicted_voxels=int(mask.sum()),
                 seconds=round(time.perf_counter() - start, 3))
@@ -191,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records: List[Dict[str, Any]] = []
     summary = dict(model=str(args.model), method=method, ensemble=args.ensemble, steps=args.steps, seed=args.seed,
+                   sampler=args.sampler,
                    threshold=args.threshold, device=device, preprocess=pre.to_dict(),
                    already_normalised=normalised, cases=records)
     # Written first (and rewritten at the end) so a partly filled --out is already marked as predictions.
@@ -200,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
         rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
                            seed=args.seed, threshold=args.threshold, already_normalised=normalised,
                            image_channels=int(cfg.get("image_channels", 4)), device=device,
-                           progress=not args.quiet, figures=args.figures, memory_budget=args.memory_budget)
+                           progress=not args.quiet, figures=args.figures, memory_budget=args.memory_budget,
+                           sampler=args.sampler, member_batch=args.member_batch)
         records.append(rec)
         if not args.quiet:
             elapsed = time.perf_counter() - t0
