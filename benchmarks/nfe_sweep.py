@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     from patchddm_fast.samplers import SAMPLERS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint of a phantom run (demo/train)")
+    p.add_argument("--model", metavar="CKPT", help="checkpoint of a phantom run (demo/train)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="instead of sampling: combine the nfe_sweep.json of several partial runs (e.g. one per "
+                        "sampler, run in parallel) of the same model, cases and seed into --out")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for nfe_sweep.json/.md/.png")
     p.add_argument("--cases", type=int, default=None, help="held-out cases (default: the run's phantom_val)")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
@@ -243,12 +246,33 @@ def plot(result: Dict[str, Any], path: Path) -> Path:
     return path
 
 
+def merge(folders: Sequence[str]) -> Dict[str, Any]:
+    """One result from partial runs; they must agree on model, cases, seed, threshold and reference."""
+    parts = [json.loads((Path(f) / "nfe_sweep.json").read_text()) for f in folders]
+    keys = ("model", "method", "prediction", "cases", "seed", "threshold", "reference")
+    for f, part in zip(folders, parts[1:]):
+        for k in keys:
+            if part[k] != parts[0][k]:
+                raise SystemExit(f"{f}/nfe_sweep.json: {k} {part[k]!r} differs from {folders[0]}'s {parts[0][k]!r}")
+    out = dict(parts[0])
+    out["runs"] = [r for part in parts for r in part["runs"]]
+    out["timing"] = next((p["timing"] for p in parts if p.get("timing")), None)
+    out["command"] = " && ".join(p["command"] for p in parts)
+    out["merged_from"] = [str(f) for f in folders]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = sweep(args)
-    result["command"] = "python benchmarks/nfe_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        result = merge(args.merge)
+    else:
+        if not args.model:
+            raise SystemExit("nfe_sweep.py: --model CKPT is required (or --merge DIR...)")
+        result = sweep(args)
+        result["command"] = "python benchmarks/nfe_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "nfe_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "nfe_sweep.md").write_text(markdown(result))
     plot(result, out / "nfe_sweep.png")

@@ -200,3 +200,26 @@ def test_member_batch_choice():
         member_batch_for(5, eta=0.5, requested=2)
     with pytest.raises(ValueError, match="deterministic"):
         list(sample_loop(Diffusion(), "heun", lambda x, t: x, torch.zeros(1, 1, 2, 2, 2), 2, eta=0.5))
+
+
+def test_planner_picks_the_largest_member_batch_that_fits():
+    from patchddm_fast.memory import fits_budget, plan, simulate
+    from patchddm_fast.memory.planner import max_sample_batch, planner_arch
+
+    net = UNet3D.from_preset("patchddm", base_width=8, channel_mult=(1, 2, 2), groups=4)
+    arch = planner_arch(net.config)
+
+    def process(batch, settings):
+        r = simulate("patchddm", "sample", size=32, precision=settings["precision"], checkpoint="none",
+                     offload=settings["offload"], tiled=settings["tiled"], batch=batch, steps=1, warm_start=True,
+                     model_kwargs=arch)
+        return fits_budget(r, 10 ** 12, 0.0)[1]
+
+    roomy = plan("1TB", preset="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
+    assert max_sample_batch(roomy, net, "patchddm", 32, 5) == 5
+    two, three = process(2, roomy.settings), process(3, roomy.settings)
+    assert two < three
+    tight = plan((two + three) // 2, preset="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
+    assert tight.fits and tight.settings == roomy.settings
+    assert max_sample_batch(tight, net, "patchddm", 32, 5) == 2
+    assert member_batch_for(5, plan=tight, model=net, method="patchddm", size=32) == 2
