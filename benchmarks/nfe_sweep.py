@@ -10,7 +10,8 @@ and the table shows the NFE actually spent).  Ensemble members are drawn in memb
 the seeded generator, so the first k members of an M-member run are exactly the k-member
 ensemble: one run per (sampler, NFE) gives every ensemble size up to M.  M is
 ``--nfe-ensemble`` for the NFE sweep and ``max(--ensembles)`` for the settings named in
-``--ensemble-settings``.  Writes ``nfe_sweep.json``, ``nfe_sweep.md`` and ``nfe_sweep.png``.
+``--ensemble-settings``.  Writes ``nfe_sweep.json``, ``nfe_sweep.md``, ``nfe_sweep.png`` and
+``uncertainty.png`` (reliability diagram and AUROC of the variance for errors, reference setting).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def sweep(args: argparse.Namespace) -> Dict[str, Any]:
                         var = res.samples[:k].var(0, unbiased=False)
                         u = uncertainty_metrics(mean.numpy(), var.numpy(), gt, threshold=args.threshold)
                         rec.update(ensemble_for_uncertainty=k, auroc_var_error=u["auroc_var_error"],
-                                   ece=u["reliability"]["ece"])
+                                   ece=u["reliability"]["ece"], reliability=u["reliability"])
                 per_case.append(rec)
             mean_dice = {str(k): float(np.mean([r["dice"][str(k)] for r in per_case])) for k in sizes}
             aurocs = [r["auroc_var_error"] for r in per_case if r.get("auroc_var_error") is not None]
@@ -276,6 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "nfe_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "nfe_sweep.md").write_text(markdown(result))
     plot(result, out / "nfe_sweep.png")
+    ref = find(result["runs"], result["reference"]["sampler"], result["reference"]["nfe"])
+    if ref is not None and all("reliability" in c for c in ref["cases"]):
+        from patchddm_fast.report import uncertainty_figure
+
+        uncertainty_figure(ref["cases"], out / "uncertainty.png",
+                           title=f"{ref['sampler']} {ref['nfe']} NFE, ensemble {ref['cases'][0]['ensemble_for_uncertainty']}:"
+                                 " variance vs errors, calibration of the mean")
     print(markdown(result))
     return 0
 
