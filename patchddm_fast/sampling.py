@@ -1,4 +1,5 @@
-"""Whole-volume segmentation by DDIM sampling, with ensembles and a progress bar.
+"""Whole-volume segmentation by DDIM sampling (or another sampler of :mod:`patchddm_fast.samplers`),
+with ensembles -- one member at a time or several as one network batch -- and a progress bar.
 
 The network sees the whole (padded) volume in one pass -- no stitching (PAPER.md).  An
 ensemble draws N samples from different initial noise; their mean is the prediction
