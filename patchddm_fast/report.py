@@ -176,3 +176,47 @@ def summary_figure(result: Dict[str, Any], path, title: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def uncertainty_figure(cases: Sequence[Dict[str, Any]], path, title: str = "") -> Path:
+    """Reliability diagram of the ensemble mean (pooled over ``cases``, each case's curve thin)
+    and the per-case AUROC of voxel variance for errors.  ``cases``: records with
+    ``case``, ``auroc_var_error`` and ``reliability`` (:func:`patchddm_fast.uncertainty.uncertainty_metrics`)."""
+    from patchddm_fast.uncertainty import pooled_reliability
+
+    fig = _figure(9, 4.2)
+    ax_r, ax_a = fig.subplots(1, 2)
+    ax_r.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfectly calibrated")
+    for c in cases:
+        pts = [(b["mean_prob"], b["frequency"]) for b in c["reliability"]["bins"] if b["count"]]
+        ax_r.plot(*zip(*pts), color="tab:blue", alpha=0.25, lw=0.8)
+    pooled = pooled_reliability([c["reliability"] for c in cases])
+    pts = [(b["mean_prob"], b["frequency"], b["count"]) for b in pooled["bins"] if b["count"]]
+    ax_r.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue",
+              label=f"pooled, ECE {pooled['ece']:.4f}")
+    for x, y, n in pts:
+        ax_r.annotate(f"{n}", (x, y), fontsize=6, textcoords="offset points", xytext=(3, -8))
+    ax_r.set_xlim(0, 1)
+    ax_r.set_ylim(0, 1)
+    ax_r.set_xlabel("ensemble mean (bin average)")
+    ax_r.set_ylabel("observed tumour frequency")
+    ax_r.set_title("Reliability (numbers: voxels per bin)")
+    ax_r.legend(fontsize=7, loc="upper left")
+    names = [str(c["case"]) for c in cases]
+    vals = [c["auroc_var_error"] for c in cases]
+    ax_a.bar(range(len(names)), [v if v is not None else 0.0 for v in vals], color="tab:orange")
+    for i, v in enumerate(vals):
+        ax_a.text(i, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.3f}", ha="center", fontsize=7)
+    ax_a.axhline(0.5, color="0.6", ls="--", lw=1)
+    ax_a.set_xticks(range(len(names)))
+    ax_a.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax_a.set_ylim(0, 1.05)
+    ax_a.set_ylabel("AUROC")
+    ax_a.set_title("Variance as an error detector (AUROC)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,4 +1,5 @@
-"""Whole-volume segmentation by DDIM sampling, with ensembles and a progress bar.
+"""Whole-volume segmentation by DDIM sampling (or another sampler of :mod:`patchddm_fast.samplers`),
+with ensembles -- one member at a time or several as one network batch -- and a progress bar.
 
 The network sees the whole (padded) volume in one pass -- no stitching (PAPER.md).  An
 ensemble draws N samples from different initial noise; their mean is the prediction
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from patchddm_fast.conditioning import condition, network_input
 from patchddm_fast.data.patches import pad_to_multiple, unpad
 from patchddm_fast.diffusion import Diffusion
+from patchddm_fast.samplers import DEFAULT_SAMPLER, check_sampler, nfe, sample_loop
 
 
 class NonFiniteSampleError(ValueError):
@@ -47,6 +49,37 @@ def flush_denormals_on_cpu(device: torch.device) -> None:
         torch.set_flush_denormal(True)
 
 
+# Members per batch without a memory plan, by device type (measured, see NOTES_samplers.md).
+DEFAULT_MEMBER_BATCH = {"cpu": 1, "cuda": 1}
+
+
+def member_batch_for(ensemble: int, *, eta: float = 0.0, sampler: str = DEFAULT_SAMPLER, device="cpu",
+                     requested: Optional[int] = None, plan=None, model=None, method: str = "patchddm",
+                     size: int = 0) -> int:
+    """How many ensemble members to sample as one network batch.
+
+    * ``requested`` (``--member-batch``) wins, capped at ``ensemble``;
+    * stochastic DDIM (eta > 0) draws step noise between a member's network calls, so only
+      one member at a time reproduces the one-at-a-time noise: 1;
+    * with a memory plan (``--memory-budget``) the simulator picks the largest batch that
+      fits the budget with the plan's settings (:func:`~patchddm_fast.memory.planner.max_sample_batch`);
+    * otherwise :data:`DEFAULT_MEMBER_BATCH` for the device type.
+    """
+    stochastic = eta != 0 and sampler == "ddim"
+    if requested is not None:
+        if stochastic and requested > 1:
+            raise ValueError(f"member_batch = {requested} needs eta = 0: stochastic DDIM (eta = {eta}) samples "
+                             f"one member at a time so its step noise matches the sequential run")
+        return max(1, min(int(requested), ensemble))
+    if stochastic or ensemble == 1:
+        return 1
+    if plan is not None and model is not None:
+        from patchddm_fast.memory.planner import max_sample_batch
+
+        return max_sample_batch(plan, model, method, size, ensemble)
+    return max(1, min(DEFAULT_MEMBER_BATCH.get(torch.device(device).type, 1), ensemble))
+
+
 def size_multiple_of(model: torch.nn.Module) -> int:
     return int(getattr(model, "size_multiple", 1))
 
@@ -69,6 +102,8 @@ def segment_volume(
     autocast: Optional[contextlib.AbstractContextManager] = None,
     memory_budget: Union[str, int, None] = None,
     members: Optional[Sequence[int]] = None,
+    sampler: str = DEFAULT_SAMPLER,
+    member_batch: Optional[int] = None,
 ) -> SegmentationResult:
     """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
 
@@ -84,11 +119,17 @@ def segment_volume(
             (:func:`patchddm_fast.memory.planner.planned_inference`) picks ops, precision,
             skip offload and tiling for this volume; its precision is used unless
             ``autocast`` is given.  A CUDA out-of-memory error is answered with the
-            planner's suggestion either way.
+            planner's suggestion either way.  With a budget the planner also picks how many
+            ensemble members run as one batch (:func:`member_batch_for`).
         members: compute only these ensemble members (0-based, of ``ensemble``); the
             others' random draws are made and discarded without the network, so member k
             is bit-identical to member k of the full ensemble.  mean/var/mask then describe
             only these members (the distributed predictor reduces them over ranks).
+        sampler: "ddim" (the paper), "dpmpp2m" or "heun" (:mod:`patchddm_fast.samplers`);
+            ``steps`` are its solver steps (Heun evaluates the network 2 * steps - 1 times).
+        member_batch: ensemble members per network batch; None lets :func:`member_batch_for`
+            choose.  Each member's initial noise is drawn from the seeded generator in member
+            order exactly as one-at-a-time sampling draws it, so batching changes no noise.
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
@@ -96,6 +137,9 @@ def segment_volume(
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
     if members is not None and any(not 0 <= int(m) < ensemble for m in members):
         raise ValueError(f"members must lie in [0, {ensemble}), got {list(members)}")
+    check_sampler(sampler)
+    if member_batch is not None and member_batch < 1:
+        raise ValueError(f"member_batch must be >= 1, got {member_batch}")
     param = next(model.parameters())
     device = param.device
     flush_denormals_on_cpu(device)
@@ -114,9 +158,11 @@ def segment_volume(
 
         planned = planned_inference(model, memory_budget, method, max(cond.shape[-3:]))
     samples = []
-    bar = tqdm(total=(ensemble if members is None else len(set(members))) * steps, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
+    chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
+    evals = nfe(sampler, steps)
+    bar = tqdm(total=len(chosen) * evals, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
     try:
-        with planned as (_, precision):
+        with planned as (the_plan, precision):
             ctx, net_cond = autocast, cond
             if autocast is None and precision is not None:
                 # Hold the conditioning in the compute dtype, as the planner's simulation does: under
@@ -125,28 +171,46 @@ def segment_volume(
             ctx = ctx if ctx is not None else contextlib.nullcontext()
 
             def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                c = net_cond if x_t.shape[0] == 1 else net_cond.expand(x_t.shape[0], *net_cond.shape[1:])
                 with ctx:
-                    return model(network_input(net_cond, x_t.to(net_cond.dtype)), t).float()
+                    return model(network_input(c, x_t.to(net_cond.dtype)), t).float()
 
-            chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
-            for member in range(ensemble):
-                if member not in chosen:
-                    # Same shapes, same draws from the generator, no network: keeps later members' noise.
-                    for _ in diffusion.ddim_loop(lambda x_t, t: torch.zeros_like(x_t), grid, steps, eta=eta,
-                                                 generator=generator, device=device):
-                        pass
-                    continue
-                bar.set_postfix(sample=f"{member + 1}/{ensemble}")
+            batch = member_batch_for(len(chosen), eta=eta, sampler=sampler, device=device, requested=member_batch,
+                                     plan=the_plan, model=model, method=method, size=max(cond.shape[-3:]))
+            # Stochastic DDIM draws step noise between a member's network calls: such members run
+            # one at a time, right after their initial noise, as the sequential sampler draws them.
+            stochastic = eta != 0 and sampler == "ddim"
+            queue: List[Tuple[int, torch.Tensor]] = []
+
+            def run_queue() -> None:
                 x = None
-                for _, x, _ in diffusion.ddim_loop(eps_model, grid, steps, eta=eta, generator=generator, device=device):
-                    bar.update(1)
+                for i, x in enumerate(sample_loop(diffusion, sampler, eps_model, torch.cat([n for _, n in queue]),
+                                                  steps, eta=eta, generator=generator)):
+                    bar.update(len(queue) * (2 if sampler == "heun" and i + 1 < steps else 1))
                 if not bool(torch.isfinite(x).all()):
                     raise NonFiniteSampleError(
-                        f"{desc or 'sampling'}: the network produced non-finite values (NaN/Inf) in ensemble member "
-                        f"{member + 1}; the model's weights are damaged or its training diverged")
+                        f"{desc or 'sampling'}: the network produced non-finite values (NaN/Inf) in ensemble member(s) "
+                        f"{[m + 1 for m, _ in queue]}; the model's weights are damaged or its training diverged")
                 if factor > 1:
                     x = F.interpolate(x, scale_factor=factor, mode="nearest")
-                samples.append(unpad(x[0, 0], pad_spec).cpu())
+                samples.extend(unpad(x[k] if channels > 1 else x[k, 0], pad_spec).cpu() for k in range(len(queue)))
+                queue.clear()
+
+            for member in range(ensemble):
+                # Member by member from the one generator: the draws one-at-a-time sampling makes.
+                noise = torch.randn(grid, generator=generator, device=device, dtype=torch.float32)
+                if member not in chosen:
+                    if stochastic:  # same draws, no network: keeps later members' noise
+                        for _ in sample_loop(diffusion, sampler, lambda x_t, t: torch.zeros_like(x_t), noise, steps,
+                                             eta=eta, generator=generator):
+                            pass
+                    continue
+                bar.set_postfix(sample=f"{member + 1}/{ensemble}")
+                queue.append((member, noise))
+                if stochastic or len(queue) == batch:
+                    run_queue()
+            if queue:
+                run_queue()
     except torch.cuda.OutOfMemoryError as exc:
         from patchddm_fast.memory import oom_advice
 

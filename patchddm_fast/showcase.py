@@ -3,6 +3,8 @@
 Shared by ``patchddm sample`` and ``patchddm demo``: per case NIfTI files of the image,
 ground truth, ensemble mean, variance and thresholded mask, a PNG montage, and one
 ``metrics.json`` (``{"cases": [{"case", "dice", "hd95", ...}], "mean": {"dice", "hd95"}}``).
+Per case it also scores the uncertainty (:mod:`patchddm_fast.uncertainty`: AUROC of the
+variance for voxel errors, reliability table and ECE of the mean), drawn in ``uncertainty.png``.
 HD95 of an empty prediction is infinite; JSON has no infinity, so it is written as
 ``null`` and the mean HD95 is taken over finite cases (their count is reported).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,7 +22,9 @@ import numpy as np
 from patchddm_fast.data.cases import CaseSource, read_whole
 from patchddm_fast.data.phantom import CHANNELS
 from patchddm_fast.metrics import dice, hd95
+from patchddm_fast.samplers import DEFAULT_SAMPLER
 from patchddm_fast.sampling import segment_volume
+from patchddm_fast.uncertainty import uncertainty_metrics
 
 
 def _finite_or_none(v: float):
@@ -35,7 +40,7 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     (an empty prediction or ground truth).  ``dice`` and ``hd95`` are always present; a mean
     over no finite value is None (JSON null), never NaN."""
     out: Dict[str, Any] = {}
-    for key in ("dice", "hd95", "dice_single_sample"):
+    for key in ("dice", "hd95", "dice_single_sample", "auroc_var_error", "ece"):
         vals = [r[key] for r in records if r.get(key) is not None]
         if vals or key in ("dice", "hd95"):
             out[key] = float(np.mean(vals)) if vals else None
@@ -47,7 +52,8 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
                    steps: int, seed: int, progress: bool = True, figures: bool = True,
                    memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5,
-                   overwrite: bool = True) -> Dict[str, Any]:
+                   overwrite: bool = True, sampler: str = DEFAULT_SAMPLER,
+                   member_batch: Optional[int] = None) -> Dict[str, Any]:
     """Sample, score and write every case into ``out_dir``.  Case ids must be plain names and
     every file stays inside ``out_dir``; existing outputs are refused unless ``overwrite``
     (``sample`` passes its --overwrite flag; the demo owns its folder and refreshes it)."""
@@ -55,7 +61,7 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
     from patchddm_fast.safe_paths import check_case_id, check_targets, confined, output_folder
 
     out_dir = output_folder(out_dir, "--out")
-    targets = [confined(out_dir, "metrics.json")]
+    targets = [confined(out_dir, "metrics.json")] + ([confined(out_dir, "uncertainty.png")] if figures else [])
     for case in cases:
         check_case_id(case.case_id)
         names = [f"{case.case_id}_{s}.nii.gz" for s in ("image", "gt", "mean", "var", "seg")]
@@ -64,15 +70,21 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
     records = []
     for case in cases:
         image, label = read_whole(case)
+        started = time.perf_counter()
         res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
                              seed=seed, progress=progress, desc=case.case_id, keep_samples=True,
-                             memory_budget=memory_budget, eta=eta, threshold=threshold)
+                             memory_budget=memory_budget, eta=eta, threshold=threshold, sampler=sampler,
+                             member_batch=member_batch)
+        sampling_s = time.perf_counter() - started
         gt = label.numpy()
         pred = res.mask.numpy()
         single = (res.samples[0] > threshold).numpy()
+        unc = uncertainty_metrics(res.mean.numpy(), res.var.numpy(), gt, threshold=threshold)
         records.append(dict(case=case.case_id, dice=dice(pred, gt), hd95=_finite_or_none(hd95(pred, gt)),
                             dice_single_sample=dice(single, gt), tumour_voxels=int(gt.sum()),
-                            predicted_voxels=int(pred.sum())))
+                            predicted_voxels=int(pred.sum()), auroc_var_error=unc["auroc_var_error"],
+                            ece=unc["reliability"]["ece"], error_voxels=unc["error_voxels"],
+                            reliability=unc["reliability"], sampling_s=round(sampling_s, 3)))
         prefix = out_dir / case.case_id
         write_nifti(np.moveaxis(image.numpy(), 0, -1).astype(np.float32), Path(f"{prefix}_image.nii.gz"))
         write_nifti(gt.astype(np.uint8), Path(f"{prefix}_gt.nii.gz"))
@@ -84,8 +96,13 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
 
             case_figure(image[CHANNELS.index("flair")].numpy(), gt, res.mean.numpy(), res.var.numpy(),
                         Path(f"{prefix}_montage.png"), title=f"{case.case_id}: Dice {records[-1]['dice']:.3f}")
+    if figures and records:
+        from patchddm_fast.report import uncertainty_figure
+
+        uncertainty_figure(records, out_dir / "uncertainty.png",
+                           title=f"ensemble {ensemble}, {sampler} {steps} steps: variance vs errors, calibration")
     metrics = dict(cases=records, mean=summarise(records),
-                   sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed))
+                   sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed, sampler=sampler))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
@@ -102,4 +119,7 @@ def format_table(metrics: Dict[str, Any]) -> str:
 
     lines.append(f"| **mean** | {cell('dice', '.4f')} | {cell('dice_single_sample', '.4f')} | "
                  f"{cell('hd95', '.2f', 'inf (every case)')} |")
+    if m.get("auroc_var_error") is not None or m.get("ece") is not None:
+        lines.append(f"\nuncertainty: mean AUROC of variance for voxel errors {cell('auroc_var_error', '.4f')}, "
+                     f"mean ECE of the ensemble mean {cell('ece', '.4f')} (uncertainty.png)")
     return "\n".join(lines)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
                              ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
                              progress=not args.quiet, memory_budget=args.memory_budget, eta=args.eta,
-                             threshold=args.threshold)
+                             threshold=args.threshold, sampler=args.sampler, member_batch=args.member_batch)
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(format_table(metrics))

@@ -14,6 +14,11 @@
   when exactly one of prediction and ground truth is empty: JSON has no Infinity, so it is
   written as ``null`` (and as ``inf`` in the CSV), and such cases are counted in
   ``n_hd95_infinite``; empty ground truths / predictions are counted too.
+* Uncertainty: when ``<case>_prob`` and ``<case>_var`` maps lie beside a prediction (as
+  ``patchddm predict`` writes them), each case also gets ``uncertainty`` (AUROC of the
+  variance for voxels where the first region's prediction is wrong, reliability table and
+  ECE of the probability; :mod:`patchddm_fast.uncertainty`), the result a summary of it, and
+  ``<out stem>_uncertainty.png`` a reliability diagram and the AUROCs.
 """
 from __future__ import annotations
 
@@ -156,6 +161,9 @@ def evaluate_folders(pred_dir, gt, *, labels: str = "binary", layout: str = "aut
     for cid in matched:
         rec = evaluate_case(preds[cid], gts[cid], labels)
         rec["case"] = cid
+        unc = case_uncertainty(Path(pred_dir), cid, preds[cid], gts[cid], labels)
+        if unc is not None:
+            rec["uncertainty"] = unc
         records.append(rec)
     return dict(
         labels=labels,
@@ -167,7 +175,40 @@ def evaluate_folders(pred_dir, gt, *, labels: str = "binary", layout: str = "aut
         cases=records, summary=summarise(records, regions),
         missing_predictions=sorted(set(gts) - set(preds)),
         unmatched_predictions=sorted(set(preds) - set(gts)),
+        **_uncertainty_summary(records),
     )
+
+
+def case_uncertainty(pred_dir: Path, cid: str, pred_path: Path, gt_path: Path, mode: str) -> Optional[Dict[str, Any]]:
+    """Uncertainty metrics of one case from its ``_prob``/``_var`` maps (None when either is
+    missing), for the first region of ``mode`` (the whole tumour, which ``predict`` segments)."""
+    from patchddm_fast.io.errors import DatasetError
+    from patchddm_fast.io.nifti import load_volume
+    from patchddm_fast.uncertainty import uncertainty_metrics
+
+    prob_path, var_path = pred_dir / f"{cid}_prob.nii.gz", pred_dir / f"{cid}_var.nii.gz"
+    if not (prob_path.is_file() and var_path.is_file()):
+        return None
+    values = next(iter(region_definitions(mode).values()))
+    gt_f = load_volume(gt_path)[0]
+    gt = gt_f > 0 if values is None else np.isin(gt_f, values)
+    seg = load_volume(pred_path)[0] > 0
+    prob, var = load_volume(prob_path)[0], load_volume(var_path)[0]
+    for path, arr in ((prob_path, prob), (var_path, var)):
+        if arr.shape != gt.shape:
+            raise DatasetError(f"{path}: shape {arr.shape} does not match ground truth {gt_path} {gt.shape}")
+        if not np.isfinite(arr).all():
+            raise DatasetError(f"{path}: contains NaN or infinite values")
+    rec = uncertainty_metrics(prob, var, gt, pred=seg)
+    rec["region"] = next(iter(region_definitions(mode)))
+    return rec
+
+
+def _uncertainty_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    from patchddm_fast.uncertainty import summarise_uncertainty
+
+    with_maps = [r["uncertainty"] for r in records if "uncertainty" in r]
+    return dict(uncertainty=summarise_uncertainty(with_maps)) if with_maps else {}
 
 
 def check_metrics_targets(result: Dict[str, Any], out: Path, overwrite: bool) -> None:
@@ -249,11 +290,22 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(Path(args.pred), Path(args.gt), labels=args.labels, layout=args.layout)
     check_metrics_targets(result, Path(args.out), args.overwrite)
     json_path, csv_path = write_metrics(result, Path(args.out))
+    if "uncertainty" in result:
+        from patchddm_fast.report import uncertainty_figure
+
+        unc_cases = [dict(r["uncertainty"], case=r["case"]) for r in result["cases"] if "uncertainty" in r]
+        uncertainty_figure(unc_cases, json_path.with_name(json_path.stem + "_uncertainty.png"),
+                           title="variance vs errors, calibration of the probability map")
     if args.figures is not None:
         folder = Path(args.figures) if args.figures else json_path.with_name(json_path.stem + "_figures")
         write_figures(result, Path(args.pred), Path(args.gt), folder, args.layout)
     if not args.quiet:
         print(format_summary(result))
+        if "uncertainty" in result:
+            u = result["uncertainty"]
+            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+            print(f"uncertainty ({u['n_cases']} cases with prob/var maps): mean AUROC of variance for errors "
+                  f"{fmt(u['auroc_var_error'])}, mean ECE {fmt(u['ece'])}")
         if result["missing_predictions"]:
             print(f"warning: {len(result['missing_predictions'])} ground-truth case(s) have no prediction, e.g. "
                   f"{result['missing_predictions'][:3]}", file=sys.stderr)

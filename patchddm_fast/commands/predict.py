@@ -35,7 +35,7 @@ OUTPUT_SUFFIXES = ("_seg", "_prob", "_var")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from patchddm_fast.commands.sample import add_memory_budget_flag
+    from patchddm_fast.commands.sample import add_memory_budget_flag, add_sampler_flags
     from patchddm_fast.validation import float_in, int_at_least
     from patchddm_fast.io.layouts import LAYOUTS
 
@@ -65,6 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out (never inputs)")
     p.add_argument("--figures", action="store_true", help="also write <case>_prediction.png (FLAIR, mean, variance)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
+    add_sampler_flags(p)
     add_memory_budget_flag(p)
     return p
 
@@ -130,7 +131,7 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
                  threshold: float = 0.5, already_normalised: bool = False, image_channels: int = 4,
                  device: str = "cpu", progress: bool = True, figures: bool = False,
                  segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None,
-                 write: bool = True) -> Dict[str, Any]:
+                 write: bool = True, sampler: str = "ddim", member_batch: Optional[int] = None) -> Dict[str, Any]:
     """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record.
 
     ``write=False``: segment only (a non-zero rank helping with a sharded ensemble)."""
@@ -148,7 +149,9 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
     image = torch.from_numpy(prep.image).to(device)
     res = segment_fn(model, diffusion, image, method=method, ensemble=ensemble, steps=steps, seed=seed,
                      threshold=threshold, progress=progress, desc=case.case_id,
-                     **({"memory_budget": memory_budget} if memory_budget else {}))
+                     **({"memory_budget": memory_budget} if memory_budget else {}),
+                     **({"sampler": sampler} if sampler != "ddim" else {}),
+                     **({"member_batch": member_batch} if member_batch is not None else {}))
     if not write:
         return dict(case=case.case_id, seconds=round(time.perf_counter() - start, 3))
     box = prep.box
@@ -168,7 +171,7 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
 
         flair = loaded.image[min(3, loaded.image.shape[0] - 1)]
         case_figure(flair, None, mean, var, out_dir / f"{case.case_id}_prediction.png",
-                    title=f"{case.case_id} (ensemble {ensemble}, {steps} steps)", spacing=loaded.zooms)
+                    title=f"{case.case_id} (ensemble {ensemble}, {sampler} {steps} steps)", spacing=loaded.zooms)
     return dict(case=case.case_id, inputs=[str(f) for f in case.images], outputs=outputs, box=box.to_dict(),
                 shape=list(mask.shape), zooms=list(loaded.zooms), predicted_voxels=int(mask.sum()),
                 seconds=round(time.perf_counter() - start, 3))
@@ -213,6 +216,7 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
     output_folder(out, "--out")
     records: List[Dict[str, Any]] = []
     summary = dict(model=str(args.model), method=method, ensemble=args.ensemble, steps=args.steps, seed=args.seed,
+                   sampler=args.sampler,
                    threshold=args.threshold, device=device, preprocess=pre.to_dict(),
                    already_normalised=normalised, cases=records)
     if ctx.enabled:
@@ -233,7 +237,8 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
                                seed=args.seed, threshold=args.threshold, already_normalised=normalised,
                                image_channels=int(cfg.get("image_channels", 4)), device=device,
                                progress=not quiet, figures=args.figures, memory_budget=args.memory_budget,
-                               segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble)
+                               segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble,
+                               sampler=args.sampler, member_batch=args.member_batch)
         except NonFiniteSampleError as exc:
             raise NonFiniteSampleError(f"{args.model}: {exc}") from None
         local.append(rec)

@@ -15,7 +15,20 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM eta: 0 is deterministic DDIM (the paper), 1 DDPM-like")
     p.add_argument("--threshold", type=float, default=0.5, help="mask = ensemble mean > threshold")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_sampler_flags(p)
     add_memory_budget_flag(p)
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """--sampler and --member-batch (shared by demo, sample and predict)."""
+    from patchddm_fast.samplers import DEFAULT_SAMPLER, SAMPLERS
+
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="ddim: the paper's; dpmpp2m: DPM-Solver++(2M); heun: deterministic Heun (EDM), which "
+                        "evaluates the network 2 x steps - 1 times")
+    p.add_argument("--member-batch", type=int, default=None, metavar="N",
+                   help="ensemble members sampled as one network batch (default: 1 on CPU and without "
+                        "--memory-budget; with a budget the planner picks the largest batch that fits)")
 
 
 def add_memory_budget_flag(p: argparse.ArgumentParser) -> None:
@@ -57,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
                              steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
                              memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch)
     print(format_table(metrics))
     return 0

@@ -240,3 +240,28 @@ def planned_inference(model: Any, gpu_memory: Union[str, int, float], method: st
     finally:
         model.set_ops(old_ops)
         model.set_offload(old_offload)
+
+
+def max_sample_batch(p: Plan, model: Any, method: str, size: int, limit: int) -> int:
+    """The largest number of ensemble members (at most ``limit``) whose batched network
+    evaluation, simulated with ``p``'s settings for ``model``'s architecture, still fits
+    ``p``'s budget; 1 when even two do not (the plan itself was made for one member).
+
+    Peak memory grows with the batch, so a binary search over [1, limit] finds it with
+    about log2(limit) simulations (each cached).
+    """
+    def fits(batch: int) -> bool:
+        s = p.settings
+        report = simulate(p.preset, "sample", size=size, recipe="engine", precision=s["precision"],
+                          checkpoint="none", offload=s["offload"], tiled=s["tiled"], batch=batch, steps=1,
+                          warm_start=True, model_kwargs=planner_arch(model.config))
+        return fits_budget(report, p.gpu_memory_bytes, p.headroom)[0]
+
+    lo, hi = 1, max(1, int(limit))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
