@@ -18,7 +18,9 @@ import numpy as np
 
 from patchddm_fast.data.cases import CaseSource, read_whole
 from patchddm_fast.data.phantom import CHANNELS
+from patchddm_fast.lesionwise import lesion_wise
 from patchddm_fast.metrics import dice, hd95
+from patchddm_fast.regions import REGION_NAMES, label_map, nest_regions, region_masks
 from patchddm_fast.sampling import segment_volume
 
 
@@ -35,7 +37,7 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     (an empty prediction or ground truth).  ``dice`` and ``hd95`` are always present; a mean
     over no finite value is None (JSON null), never NaN."""
     out: Dict[str, Any] = {}
-    for key in ("dice", "hd95", "dice_single_sample"):
+    for key in ("dice", "hd95", "dice_single_sample", "lesion_wise_dice", "lesion_wise_hd95"):
         vals = [r[key] for r in records if r.get(key) is not None]
         if vals or key in ("dice", "hd95"):
             out[key] = float(np.mean(vals)) if vals else None
@@ -44,36 +46,64 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def region_scores(pred: np.ndarray, single: np.ndarray, gt: np.ndarray) -> Dict[str, Any]:
+    """Dice, HD95, single-sample Dice and BraTS 2023 lesion-wise scores of one region's masks."""
+    lw = lesion_wise(pred, gt)
+    return dict(dice=dice(pred, gt), hd95=_finite_or_none(hd95(pred, gt)), dice_single_sample=dice(single, gt),
+                lesion_wise_dice=lw.dice, lesion_wise_hd95=lw.hd95, lesions_tp_fn_fp=[lw.n_tp, lw.n_fn, lw.n_fp],
+                tumour_voxels=int(gt.sum()), predicted_voxels=int(pred.sum()))
+
+
 def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
                    steps: int, seed: int, progress: bool = True, figures: bool = True,
-                   memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5) -> Dict[str, Any]:
+                   memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5,
+                   convention: Optional[str] = None) -> Dict[str, Any]:
+    """Segment every case, score it and write its files.  A region model (3 output channels)
+    is scored per region (WT/TC/ET, with lesion-wise scores) against the ground truth's
+    labels read in ``convention``; its top-level Dice/HD95 are the whole tumour's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for case in cases:
-        image, label = read_whole(case)
+        image, label = read_whole(case, binary=False)
         res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
                              seed=seed, progress=progress, desc=case.case_id, keep_samples=True,
                              memory_budget=memory_budget, eta=eta, threshold=threshold)
-        gt = label.numpy()
-        pred = res.mask.numpy()
-        single = (res.samples[0] > threshold).numpy()
-        records.append(dict(case=case.case_id, dice=dice(pred, gt), hd95=_finite_or_none(hd95(pred, gt)),
-                            dice_single_sample=dice(single, gt), tumour_voxels=int(gt.sum()),
-                            predicted_voxels=int(pred.sum())))
         prefix = out_dir / case.case_id
+        is_regions = res.mask.dim() == 4
+        if is_regions:
+            conv = convention or "brats2020"
+            gt_regions = region_masks(label.numpy(), conv)
+            pred_regions = res.mask.numpy()
+            single_regions = nest_regions((res.samples[0] > threshold).numpy())
+            per_region = {name: region_scores(pred_regions[i], single_regions[i], gt_regions[i])
+                          for i, name in enumerate(REGION_NAMES)}
+            records.append(dict(case=case.case_id, **per_region["WT"], regions=per_region))
+            gt, seg = label.numpy().astype(np.uint8), label_map(pred_regions, conv)
+            mean_wt, var_wt = res.mean[0].numpy(), res.var[0].numpy()
+            for i, name in enumerate(REGION_NAMES):
+                write_nifti(res.mean[i].numpy().astype(np.float32), Path(f"{prefix}_mean_{name}.nii.gz"))
+                write_nifti(res.var[i].numpy().astype(np.float32), Path(f"{prefix}_var_{name}.nii.gz"))
+        else:
+            gt = (label > 0).numpy()
+            seg = res.mask.numpy()
+            records.append(dict(case=case.case_id, **region_scores(seg, (res.samples[0] > threshold).numpy(), gt)))
+            mean_wt, var_wt = res.mean.numpy(), res.var.numpy()
+            write_nifti(mean_wt.astype(np.float32), Path(f"{prefix}_mean.nii.gz"))
+            write_nifti(var_wt.astype(np.float32), Path(f"{prefix}_var.nii.gz"))
         write_nifti(np.moveaxis(image.numpy(), 0, -1).astype(np.float32), Path(f"{prefix}_image.nii.gz"))
         write_nifti(gt.astype(np.uint8), Path(f"{prefix}_gt.nii.gz"))
-        write_nifti(res.mean.numpy().astype(np.float32), Path(f"{prefix}_mean.nii.gz"))
-        write_nifti(res.var.numpy().astype(np.float32), Path(f"{prefix}_var.nii.gz"))
-        write_nifti(pred.astype(np.uint8), Path(f"{prefix}_seg.nii.gz"))
+        write_nifti(seg.astype(np.uint8), Path(f"{prefix}_seg.nii.gz"))
         if figures:
             from patchddm_fast.report import case_figure
 
-            case_figure(image[CHANNELS.index("flair")].numpy(), gt, res.mean.numpy(), res.var.numpy(),
+            case_figure(image[CHANNELS.index("flair")].numpy(), gt > 0, mean_wt, var_wt,
                         Path(f"{prefix}_montage.png"), title=f"{case.case_id}: Dice {records[-1]['dice']:.3f}")
     metrics = dict(cases=records, mean=summarise(records),
                    sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed))
+    if records and "regions" in records[0]:
+        metrics["label_convention"] = convention or "brats2020"
+        metrics["regions"] = {name: summarise([r["regions"][name] for r in records]) for name in REGION_NAMES}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -90,4 +120,12 @@ def format_table(metrics: Dict[str, Any]) -> str:
 
     lines.append(f"| **mean** | {cell('dice', '.4f')} | {cell('dice_single_sample', '.4f')} | "
                  f"{cell('hd95', '.2f', 'inf (every case)')} |")
+    if "regions" in metrics:
+        lines += ["", "| region | Dice (ensemble) | Dice (1 sample) | HD95 mm | lesion-wise Dice | lesion-wise HD95 mm |",
+                  "|---|---|---|---|---|---|"]
+        f = lambda v, fmt: "n/a" if v is None else format(v, fmt)
+        for name, s in metrics["regions"].items():
+            lines.append(f"| {name} | {f(s['dice'], '.4f')} | {f(s.get('dice_single_sample'), '.4f')} | "
+                         f"{f(s['hd95'], '.2f')} | {f(s.get('lesion_wise_dice'), '.4f')} | "
+                         f"{f(s.get('lesion_wise_hd95'), '.2f')} |")
     return "\n".join(lines)

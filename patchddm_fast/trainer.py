@@ -25,6 +25,7 @@ from patchddm_fast.config import TrainConfig
 from patchddm_fast.data.cases import BatchSampler, CaseSource, read_whole, step_generators
 from patchddm_fast.diffusion import Diffusion
 from patchddm_fast.metrics import dice
+from patchddm_fast.regions import check_convention, check_target
 from patchddm_fast.sampling import flush_denormals_on_cpu, segment_volume
 
 
@@ -80,6 +81,9 @@ class Trainer:
             config = TrainConfig.from_dict(config)
         if overrides:
             config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+        check_target(config.target)
+        if config.label_convention is not None:
+            check_convention(config.label_convention)
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.device = resolve_device(config.device)
@@ -126,13 +130,16 @@ class Trainer:
         self.memory_plan = p
 
     def _load_cases(self):
-        from patchddm_fast.data.sources import load_cases
+        from patchddm_fast.data.sources import label_convention, load_cases
 
         multiple = self.model.size_multiple * (2 if self.config.method == "halfres" else 1)
         if self._train_cases is None:
             self._train_cases, loaded_val = load_cases(self.config, multiple)
             if self._val_cases is None:
                 self._val_cases = loaded_val
+        if self.config.target == "regions" and self.config.label_convention is None:
+            # Stored in config.json and every checkpoint: predict writes labels in this convention.
+            self.config.label_convention = label_convention(self.config)
         return self._train_cases, self._val_cases or []
 
     def _state(self) -> Dict[str, Any]:
@@ -199,7 +206,8 @@ class Trainer:
                 ensemble=self.config.val_ensemble, steps=self.config.val_steps, seed=self.config.seed,
                 progress=False,
             )
-            scores.append(dice(result.mask.numpy(), label.numpy()))
+            whole_tumour = result.mask[0] if result.mask.dim() == 4 else result.mask  # WT channel of regions
+            scores.append(dice(whole_tumour.numpy(), label.numpy()))
         record = dict(step=self.step, dice=float(np.mean(scores)) if scores else float("nan"), per_case=scores)
         self.validations.append(record)
         return record
@@ -214,7 +222,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self._truncate_log()
-        sampler = BatchSampler(train_cases, cfg.method, cfg.patch_size, cfg.patch_distribution)
+        sampler = BatchSampler(train_cases, cfg.method, cfg.patch_size, cfg.patch_distribution,
+                               target=cfg.target, convention=cfg.label_convention or "brats2020")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
         t0 = time.perf_counter()
         try:

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     _, val_cases = load_cases(config, multiple)
     metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
                              steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
-                             memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold)
+                             memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
+                             convention=config.label_convention)
     print(format_table(metrics))
     return 0

@@ -1,0 +1,88 @@
+"""Region training (--target regions): three mask channels through data, model, trainer, sampler and outputs."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from patchddm_fast import Trainer
+from patchddm_fast.checkpoint import build_model, load_for_inference
+from patchddm_fast.conditioning import in_channels, target_mask
+from patchddm_fast.data.cases import BatchSampler, step_generators
+from patchddm_fast.data.sources import phantom_cases
+from patchddm_fast.regions import label_map, region_masks
+from patchddm_fast.sampling import segment_volume
+from patchddm_fast.showcase import evaluate_cases
+
+TINY = dict(base_width=8, channel_mult=(1, 2), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=4)
+
+
+def tiny_config(tmp_path, **kw):
+    return dict(dict(method="patchddm", target="regions", model=TINY, phantom_size=16, phantom_train=2,
+                     phantom_val=1, patch_size=8, steps=3, lr=1e-3, ckpt_every=0, log_every=1, device="cpu",
+                     progress=False, out_dir=str(tmp_path / "run"), diffusion=dict(prediction="v")), **kw)
+
+
+def test_only_first_and_last_layers_change():
+    binary = build_model(dict(method="patchddm", model=TINY))
+    regions = build_model(dict(method="patchddm", model=TINY, target="regions"))
+    b, r = dict(binary.named_parameters()), dict(regions.named_parameters())
+    assert b.keys() == r.keys()
+    changed = {k for k in b if b[k].shape != r[k].shape}
+    assert changed == {"conv_in.weight", "conv_out.weight", "conv_out.bias"}
+    assert r["conv_in.weight"].shape[1] == in_channels("patchddm", 4, 3) == 10
+    assert r["conv_out.weight"].shape[0] == 3
+
+
+def test_targets_are_the_nested_regions_of_the_phantom_labels():
+    cases = phantom_cases(2, 16, seed=0, multiple=2)
+    labels = cases[0].label
+    assert set(np.unique(labels.numpy())) <= {0, 1, 2, 4} and (labels == 4).any() and (labels == 1).any()
+    x0 = target_mask(labels, "patchddm", "regions", "brats2020")
+    assert x0.shape == (3, 16, 16, 16)
+    np.testing.assert_array_equal(x0[0].numpy(), np.isin(labels.numpy(), (1, 2, 4)))
+    np.testing.assert_array_equal(x0[1].numpy(), np.isin(labels.numpy(), (1, 4)))
+    np.testing.assert_array_equal(x0[2].numpy(), labels.numpy() == 4)
+    # binary target: unchanged whole-tumour mask
+    np.testing.assert_array_equal(target_mask(labels, "patchddm").numpy(), (labels > 0).numpy()[None])
+    sampler = BatchSampler(cases, "patchddm", 8, target="regions", convention="brats2020")
+    cond, x0 = sampler.batch(step_generators(0, 0)[0], 2)
+    assert cond.shape == (2, 7, 8, 8, 8) and x0.shape == (2, 3, 8, 8, 8)
+
+
+def test_region_run_end_to_end(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.fit()
+    assert trainer.config.label_convention == "brats2020"
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (stored["target"], stored["label_convention"]) == ("regions", "brats2020")
+    model, diffusion, cfg = load_for_inference(tmp_path / "run" / "last.pt")
+    assert (cfg["target"], cfg["label_convention"]) == ("regions", "brats2020")
+    image = torch.rand(4, 12, 10, 14)  # not a multiple of the network's size: padded and cropped back
+    res = segment_volume(model, diffusion, image, method="patchddm", ensemble=2, steps=2, seed=0, progress=False,
+                         keep_samples=True)
+    assert res.mean.shape == res.var.shape == res.mask.shape == (3, 12, 10, 14)
+    assert res.samples.shape == (2, 3, 12, 10, 14)
+    torch.testing.assert_close(res.mean, res.samples.mean(0))
+    assert not (res.mask[1] & ~res.mask[0]).any() and not (res.mask[2] & ~res.mask[1]).any()
+
+    val = phantom_cases(1, 16, seed=5, multiple=2)
+    metrics = evaluate_cases(model, diffusion, "patchddm", val, tmp_path / "out", ensemble=2, steps=2, seed=0,
+                             progress=False, figures=False, convention="brats2020")
+    assert set(metrics["regions"]) == {"WT", "TC", "ET"}
+    rec = metrics["cases"][0]
+    assert rec["dice"] == rec["regions"]["WT"]["dice"]
+    seg = np.asarray(nib.load(tmp_path / "out" / f"{val[0].case_id}_seg.nii.gz").dataobj)
+    assert set(np.unique(seg)) <= {0, 1, 2, 4}
+    probs = np.stack([np.asarray(nib.load(tmp_path / "out" / f"{val[0].case_id}_mean_{n}.nii.gz").dataobj)
+                      for n in ("WT", "TC", "ET")])
+    np.testing.assert_array_equal(region_masks(seg, "brats2020"), region_masks(label_map(probs > 0.5, "brats2020"),
+                                                                               "brats2020"))
+
+
+def test_label_convention_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="target must be one of"):
+        Trainer(tiny_config(tmp_path, target="multiclass"))
+    with pytest.raises(ValueError, match="label convention must be one of"):
+        Trainer(tiny_config(tmp_path, label_convention="brats2019"))
