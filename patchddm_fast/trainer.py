@@ -117,7 +117,7 @@ class Trainer:
         from patchddm_fast.memory.planner import plan, planner_arch
 
         cfg = self.config
-        arch = planner_arch(cfg.model)
+        arch = planner_arch(cfg.model, cfg.method, cfg.target)
         multiple = 2 ** (len(arch["channel_mult"]) - 1)
         patch_sizes = tuple(s for s in (cfg.patch_size, cfg.patch_size // 2) if s >= multiple and s % multiple == 0)
         p = plan(cfg.memory_budget, preset=cfg.method, mode="train", precision=cfg.precision, patch_sizes=patch_sizes,

@@ -86,3 +86,18 @@ def test_label_convention_is_validated(tmp_path):
         Trainer(tiny_config(tmp_path, target="multiclass"))
     with pytest.raises(ValueError, match="label convention must be one of"):
         Trainer(tiny_config(tmp_path, label_convention="brats2019"))
+
+
+def test_simulator_follows_the_region_model():
+    """The three-channel target grows only conv_in and conv_out: weight bytes differ by exactly
+    those layers' extra parameters, and the simulated training peak can only grow."""
+    from patchddm_fast.memory import simulate
+    from patchddm_fast.memory.planner import region_channels
+
+    binary = simulate("patchddm", "train", size=16, recipe="paper", model_kwargs=TINY)
+    regions = simulate("patchddm", "train", size=16, recipe="paper",
+                       model_kwargs=dict(TINY, **region_channels("patchddm", "regions")))
+    width = TINY["base_width"]
+    extra_params = 2 * width * 27 + (2 * width * 27 + 2)  # conv_in: 2 more inputs; conv_out: 2 more outputs + bias
+    assert regions.to_dict()["totals"]["weights"] - binary.to_dict()["totals"]["weights"] == 4 * extra_params
+    assert regions.peak_allocated_bytes > binary.peak_allocated_bytes
