@@ -101,3 +101,55 @@ def test_simulator_follows_the_region_model():
     extra_params = 2 * width * 27 + (2 * width * 27 + 2)  # conv_in: 2 more inputs; conv_out: 2 more outputs + bias
     assert regions.to_dict()["totals"]["weights"] - binary.to_dict()["totals"]["weights"] == 4 * extra_params
     assert regions.peak_allocated_bytes > binary.peak_allocated_bytes
+
+
+@pytest.mark.parametrize("layout, values", [("brats2020", {0, 1, 2, 4}), ("brats2023", {0, 1, 2, 3})])
+def test_region_train_predict_evaluate_on_brats_folders(layout, values, tmp_path, monkeypatch):
+    """2020 and 2023 naming: the checkpoint remembers the convention, predict writes label maps in it
+    on the input grid, and evaluate detects it and reproduces the in-memory per-region scores."""
+    import argparse
+
+    from patchddm_fast.commands import evaluate, predict
+    from patchddm_fast.io import load_case, open_dataset
+    from patchddm_fast.io.preprocess import preprocess_case
+    from patchddm_fast.io.synthetic import write_phantom_dataset
+    from patchddm_fast.io.training import preprocess_config_for
+    from patchddm_fast.metrics import dice
+
+    monkeypatch.setenv("PATCHDDM_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    write_phantom_dataset(data, 3, (18, 20, 16), layout=layout)
+    Trainer(tiny_config(tmp_path, data=str(data), test_fraction=0.0, val_fraction=0.0, steps=2)).fit()
+    ckpt = tmp_path / "run" / "last.pt"
+    _, _, cfg = load_for_inference(ckpt)
+    assert cfg["label_convention"] == layout
+
+    parser = argparse.ArgumentParser()
+    predict.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "pred"
+    assert predict.run(parser.parse_args(["predict", "--model", str(ckpt), "--input", str(data), "--out", str(out),
+                                          "--ensemble", "2", "--steps", "2", "--quiet"])) == 0
+    result = evaluate.evaluate_folders(out, data)
+    assert result["labels"] == layout and list(result["summary"]) == ["WT", "TC", "ET"]
+
+    model, diffusion, _ = load_for_inference(ckpt)
+    pre = preprocess_config_for(cfg.get("preprocess"), model.size_multiple)
+    ds = open_dataset(data)
+    by_case = {r["case"]: r for r in result["cases"]}
+    for case in ds.cases:
+        seg_img = nib.load(out / f"{case.case_id}_seg.nii.gz")
+        src = nib.load(case.images[0])
+        np.testing.assert_array_equal(seg_img.affine, src.affine)
+        seg = np.asarray(seg_img.dataobj)
+        assert set(np.unique(seg)) <= values
+        for name in ("WT", "TC", "ET"):
+            assert nib.load(out / f"{case.case_id}_prob_{name}.nii.gz").shape == src.shape
+        lc = load_case(case, label_values=ds.label_values)
+        res = segment_volume(model, diffusion, torch.from_numpy(preprocess_case(lc, pre).image), method="patchddm",
+                             ensemble=2, steps=2, seed=0, progress=False)
+        labels = preprocess_case(lc, pre).box.invert(label_map(res.mask.numpy(), layout))
+        np.testing.assert_array_equal(seg, labels)
+        gt = region_masks(lc.label, layout)
+        pred = region_masks(labels, layout)
+        for i, name in enumerate(("WT", "TC", "ET")):
+            assert by_case[case.case_id][name]["dice"] == pytest.approx(dice(pred[i], gt[i]), abs=1e-12)

@@ -108,8 +108,10 @@ def detect_folder_convention(preds: Dict[str, Path], gts: Dict[str, Path], mode:
     """(convention of the ground truth, whether the predictions are binary whole-tumour masks).
 
     ``mode`` "auto" reads every ground truth's label values and detects the convention
-    (:func:`patchddm_fast.regions.detect_convention`); predictions holding only 0/1 against
-    multi-class ground truth are scored as whole tumour only (a binary model's output).
+    (:func:`patchddm_fast.regions.detect_convention`).  Whether predictions are whole-tumour
+    masks or label maps is read from the ``predict.json`` that ``patchddm predict`` writes
+    beside them (its ``target``); without one, predictions holding only 0/1 against
+    multi-class ground truth are taken as whole-tumour masks (a binary model's output).
     """
     from patchddm_fast.io.errors import DatasetError
     from patchddm_fast.regions import LABEL_VALUES, detect_convention
@@ -128,6 +130,9 @@ def detect_folder_convention(preds: Dict[str, Path], gts: Dict[str, Path], mode:
     pred_values = {path: set(np.unique(_read_labels(path, None)[0]).tolist())
                    for cid, path in preds.items() if cid in gts}
     binary_preds = convention != "binary" and all(v <= {0, 1} for v in pred_values.values())
+    target = _prediction_target(next(iter(preds.values())).parent) if preds else None
+    if target is not None:
+        binary_preds = convention != "binary" and target == "binary"
     if convention != "binary" and not binary_preds:
         for path, values in pred_values.items():
             bad = sorted(values - set(LABEL_VALUES[convention]))
@@ -135,6 +140,17 @@ def detect_folder_convention(preds: Dict[str, Path], gts: Dict[str, Path], mode:
                 raise DatasetError(f"{path}: unexpected label values {bad} (expected a subset of "
                                    f"{list(LABEL_VALUES[convention])}, the ground truth's {convention} convention)")
     return convention, binary_preds
+
+
+def _prediction_target(pred_dir: Path) -> Optional[str]:
+    """The ``target`` recorded in a prediction folder's predict.json, or None."""
+    from patchddm_fast.io.layouts import PREDICTION_MARKER
+
+    marker = Path(pred_dir) / PREDICTION_MARKER
+    try:
+        return json.loads(marker.read_text()).get("target") if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def evaluate_case(pred_path: Path, gt_path: Path, convention: str, binary_pred: bool = False,
