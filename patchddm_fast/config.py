@@ -41,6 +41,7 @@ class TrainConfig:
     phantom_size: int = _help("edge length of phantom volumes", default=64)
     phantom_train: int = _help("number of phantom training cases", default=16)
     phantom_val: int = _help("number of phantom validation cases", default=2)
+    phantom_multifocal: float = _help("fraction of phantom cases with 2-3 separate lesions (exercises lesion-wise metrics)", default=0.0)
     patch_size: int = _help("PatchDDM training patch edge (voxels); the paper uses 128 on 256^3", default=128)
     patch_distribution: str = _help("patch offset distribution per axis: trapezoid (paper) or uniform", default="trapezoid")
     steps: int = _help("optimiser steps to train", default=1000)

@@ -153,3 +153,21 @@ def test_region_train_predict_evaluate_on_brats_folders(layout, values, tmp_path
         pred = region_masks(labels, layout)
         for i, name in enumerate(("WT", "TC", "ET")):
             assert by_case[case.case_id][name]["dice"] == pytest.approx(dice(pred[i], gt[i]), abs=1e-12)
+
+
+def test_multifocal_phantoms_have_separate_lesions():
+    from patchddm_fast.data.phantom import make_phantom, make_phantom_dataset
+    from patchddm_fast.lesionwise import ground_truth_lesions
+
+    one = make_phantom(32, 1)
+    same = make_phantom(32, 1, lesions=1)
+    np.testing.assert_array_equal(one.image, same.image)  # lesions=1 is the unchanged phantom
+    three = make_phantom(64, 1, lesions=3)
+    assert len(np.unique(ground_truth_lesions(three.label))) - 1 == 3  # separate even after 3 dilations
+    for region in (three.whole_tumour, three.tumour_core, three.enhancing_tumour):
+        assert region.any()
+    assert not (three.decoy_mask & three.label).any()
+    counts = [len(np.unique(ground_truth_lesions(c.label))) - 1 for c in make_phantom_dataset(8, 48, 0, multifocal=1.0)]
+    assert sum(c >= 2 for c in counts) >= 5
+    with pytest.raises(ValueError, match="lesions must be 1, 2 or 3"):
+        make_phantom(32, 0, lesions=4)
