@@ -28,9 +28,11 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "matplotlib>=3.6",
+        "scipy>=1.10",  # connected components and dilation for the BraTS lesion-wise metrics
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10"],
+        # MONAI is the independent reference the region metrics are tested against (torch>=2.8, numpy only).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "monai>=1.4"],
     },
     entry_points={"console_scripts": ["patchddm=patchddm_fast.cli:main"]},
 )

@@ -209,9 +209,12 @@ def build_model(config: Dict[str, Any]):
     """The network a run's config describes (same code path for training and inference)."""
     from patchddm_fast.conditioning import in_channels
     from patchddm_fast.nn.unet import UNet3D
+    from patchddm_fast.regions import target_channels
 
     arch = dict(config["model"])
-    arch["in_channels"] = in_channels(config["method"], config.get("image_channels", 4))
+    mask_channels = target_channels(config.get("target", "binary"))
+    arch["in_channels"] = in_channels(config["method"], config.get("image_channels", 4), mask_channels)
+    arch["out_channels"] = mask_channels
     return UNet3D(**arch, ops=config.get("ops", "reference"), checkpoint=config.get("checkpoint", "none"))
 
 

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from patchddm_fast.data.patches import decimate
+from patchddm_fast.regions import check_target, region_masks
 
 METHODS = ("patchddm", "halfres", "fullres")
 IMAGE_CHANNELS = 4
@@ -24,9 +25,10 @@ def check_method(method: str) -> str:
     return method
 
 
-def in_channels(method: str, image_channels: int = IMAGE_CHANNELS) -> int:
-    """Network input channels: image (+ 3 coordinates for PatchDDM) + the noisy mask."""
-    return image_channels + (3 if check_method(method) == "patchddm" else 0) + 1
+def in_channels(method: str, image_channels: int = IMAGE_CHANNELS, mask_channels: int = 1) -> int:
+    """Network input channels: image (+ 3 coordinates for PatchDDM) + the noisy mask
+    (1 channel for the whole tumour, 3 for the WT/TC/ET regions)."""
+    return image_channels + (3 if check_method(method) == "patchddm" else 0) + mask_channels
 
 
 def scale_image(image01: torch.Tensor) -> torch.Tensor:
@@ -54,12 +56,16 @@ def condition(image01: torch.Tensor, method: str, volume_shape=None, origin=(0, 
     return img
 
 
-def target_mask(label: torch.Tensor, method: str) -> torch.Tensor:
-    """The diffusion target x0 for a label volume (D, H, W) -> (1, D', H', W'), values {0, 1}."""
-    m = label.float()[None]
+def target_mask(label: torch.Tensor, method: str, target: str = "binary", convention: str = "brats2020") -> torch.Tensor:
+    """The diffusion target x0 for a label volume (D, H, W), values {0, 1}: (1, D', H', W')
+    whole tumour (label > 0), or (3, D', H', W') WT/TC/ET of the label ``convention``."""
+    if check_target(target) == "regions":
+        m = region_masks(label, convention).float()
+    else:
+        m = (label > 0).float()[None]
     return decimate(m) if check_method(method) == "halfres" else m
 
 
 def network_input(cond: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """Concatenate conditioning (N, C, ...) and the noisy mask (N, 1, ...): mask last."""
+    """Concatenate conditioning (N, C, ...) and the noisy mask (N, 1 or 3, ...): mask last."""
     return torch.cat([cond.to(x_t.dtype), x_t], dim=1)

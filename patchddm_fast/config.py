@@ -32,6 +32,8 @@ def _help(text: str, **kw):
 @dataclass
 class TrainConfig:
     method: str = _help("patchddm (coordinate-encoded patches), halfres (stride-2 decimated volume) or fullres (whole volume)", default="patchddm")
+    target: str = _help("what is diffused: binary (whole tumour, the paper's) or regions (WT/TC/ET as three overlapping channels, nnU-Net's BraTS regions)", default="binary")
+    label_convention: Optional[str] = _help("label convention of the training data (binary, brats2020 or brats2023); detected from the data by the trainer and stored in checkpoints, so predict writes labels in the input's convention", default=None)
     model: Dict[str, Any] = _help("network architecture (UNet3D arguments; the paper's by default)", default_factory=lambda: dict(PAPER_ARCH))
     diffusion: Dict[str, Any] = _help("diffusion schedule (T, linear beta range), x0 clamping and what the network predicts: prediction eps (paper), v or x0", default_factory=lambda: dict(PAPER_DIFFUSION))
     data: str = _help("'phantom' for built-in synthetic BraTS-like cases, or a dataset folder (BraTS / nnU-Net / preprocessed)", default="phantom")
@@ -45,6 +47,7 @@ class TrainConfig:
     phantom_size: int = _help("edge length of phantom volumes", default=64)
     phantom_train: int = _help("number of phantom training cases", default=16)
     phantom_val: int = _help("number of phantom validation cases", default=2)
+    phantom_multifocal: float = _help("fraction of phantom cases with 2-3 separate lesions (exercises lesion-wise metrics)", default=0.0)
     patch_size: int = _help("PatchDDM training patch edge (voxels); the paper uses 128 on 256^3", default=128)
     patch_distribution: str = _help("patch offset distribution per axis: trapezoid (paper) or uniform", default="trapezoid")
     steps: int = _help("optimiser steps to train", default=1000)

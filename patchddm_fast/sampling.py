@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from patchddm_fast.conditioning import condition, network_input
 from patchddm_fast.data.patches import pad_to_multiple, unpad
 from patchddm_fast.diffusion import Diffusion
+from patchddm_fast.regions import nest_regions
 from patchddm_fast.samplers import DEFAULT_SAMPLER, check_sampler, nfe, sample_loop
 
 
@@ -29,12 +30,16 @@ class NonFiniteSampleError(ValueError):
 
 @dataclass
 class SegmentationResult:
-    """Ensemble statistics on the input grid: mean (prediction), var (uncertainty), mask."""
+    """Ensemble statistics on the input grid: mean (prediction), var (uncertainty), mask.
+
+    Shapes are (D, H, W) for a whole-tumour model and (3, D, H, W) for a region model
+    (WT/TC/ET channels; the mask is nested, ET ⊂ TC ⊂ WT, see :mod:`patchddm_fast.regions`).
+    """
 
     mean: torch.Tensor
     var: torch.Tensor
     mask: torch.Tensor
-    samples: Optional[torch.Tensor] = None  # (N, D, H, W) when keep_samples=True
+    samples: Optional[torch.Tensor] = None  # (N, D, H, W) or (N, 3, D, H, W) when keep_samples=True
 
 
 def flush_denormals_on_cpu(device: torch.device) -> None:
@@ -82,6 +87,11 @@ def member_batch_for(ensemble: int, *, eta: float = 0.0, sampler: str = DEFAULT_
 
 def size_multiple_of(model: torch.nn.Module) -> int:
     return int(getattr(model, "size_multiple", 1))
+
+
+def mask_channels_of(model: torch.nn.Module) -> int:
+    """Channels of the diffused mask: the network's output channels (1, or 3 for regions)."""
+    return int(getattr(model, "config", {}).get("out_channels", 1))
 
 
 @torch.no_grad()
@@ -147,7 +157,8 @@ def segment_volume(
     factor = 2 if method == "halfres" else 1
     padded, pad_spec = pad_to_multiple(image.to(device), size_multiple_of(model) * factor)
     cond = condition(padded, method)[None]
-    grid = (1, 1, *cond.shape[-3:])
+    channels = mask_channels_of(model)
+    grid = (1, channels, *cond.shape[-3:])
     generator = torch.Generator(device=device).manual_seed(seed)
 
     was_training = model.training
@@ -219,11 +230,12 @@ def segment_volume(
         bar.close()
         model.train(was_training)
     if not samples:  # a rank with no members of this ensemble
-        empty = torch.zeros((0, *shape))
+        empty = torch.zeros((0, *((channels,) if channels > 1 else ()), *shape))
         return SegmentationResult(mean=empty.sum(0), var=empty.sum(0), mask=empty.sum(0) > threshold,
                                   samples=empty if keep_samples else None)
     stack = torch.stack(samples)
-    assert tuple(stack.shape[1:]) == shape, (stack.shape, shape)
+    assert tuple(stack.shape[-3:]) == shape, (stack.shape, shape)
     mean = stack.mean(0)
     var = stack.var(0, unbiased=False)
-    return SegmentationResult(mean=mean, var=var, mask=mean > threshold, samples=stack if keep_samples else None)
+    mask = mean > threshold if channels == 1 else nest_regions(mean > threshold)
+    return SegmentationResult(mean=mean, var=var, mask=mask, samples=stack if keep_samples else None)

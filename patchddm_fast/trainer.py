@@ -35,6 +35,7 @@ from patchddm_fast.data.cases import BatchSampler, CaseSource, read_whole, step_
 from patchddm_fast.devices import resolve_device  # noqa: F401  (re-exported: commands import it from here)
 from patchddm_fast.diffusion import Diffusion
 from patchddm_fast.metrics import dice
+from patchddm_fast.regions import check_convention, check_target
 from patchddm_fast.sampling import flush_denormals_on_cpu, segment_volume
 
 
@@ -98,6 +99,9 @@ class Trainer:
             config.validate()
         if overrides:
             config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+        check_target(config.target)
+        if config.label_convention is not None:
+            check_convention(config.label_convention)
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.dist, self.device = distributed.init(config.device)
@@ -133,7 +137,7 @@ class Trainer:
         from patchddm_fast.memory.planner import plan, planner_arch
 
         cfg = self.config
-        arch = planner_arch(cfg.model)
+        arch = planner_arch(cfg.model, cfg.method, cfg.target)
         multiple = 2 ** (len(arch["channel_mult"]) - 1)
         patch_sizes = tuple(s for s in (cfg.patch_size, cfg.patch_size // 2) if s >= multiple and s % multiple == 0)
         p = plan(cfg.memory_budget, preset=cfg.method, mode="train", precision=cfg.precision, patch_sizes=patch_sizes,
@@ -146,13 +150,16 @@ class Trainer:
         self.memory_plan = p
 
     def _load_cases(self):
-        from patchddm_fast.data.sources import load_cases
+        from patchddm_fast.data.sources import label_convention, load_cases
 
         multiple = self.model.size_multiple * (2 if self.config.method == "halfres" else 1)
         if self._train_cases is None:
             self._train_cases, loaded_val = load_cases(self.config, multiple)
             if self._val_cases is None:
                 self._val_cases = loaded_val
+        if self.config.target == "regions" and self.config.label_convention is None:
+            # Stored in config.json and every checkpoint: predict writes labels in this convention.
+            self.config.label_convention = label_convention(self.config)
         return self._train_cases, self._val_cases or []
 
     def _state(self) -> Dict[str, Any]:
@@ -249,7 +256,8 @@ class Trainer:
                 ensemble=self.config.val_ensemble, steps=self.config.val_steps, seed=self.config.seed,
                 progress=False,
             )
-            scores.append(dice(result.mask.numpy(), label.numpy()))
+            whole_tumour = result.mask[0] if result.mask.dim() == 4 else result.mask  # WT channel of regions
+            scores.append(dice(whole_tumour.numpy(), label.numpy()))
         scores = distributed.gather_in_order(scores, len(cases), self.dist)
         record = dict(step=self.step, dice=float(np.mean(scores)) if scores else float("nan"), per_case=scores)
         self.validations.append(record)
@@ -285,7 +293,8 @@ class Trainer:
             atomic_write_text(self.out_dir / "config.json",
                               json.dumps(dict(cfg.to_dict(), world_size=self.dist.world_size), indent=2))
             self._truncate_log()
-        sampler = BatchSampler(train_cases, cfg.method, cfg.patch_size, cfg.patch_distribution)
+        sampler = BatchSampler(train_cases, cfg.method, cfg.patch_size, cfg.patch_distribution,
+                               target=cfg.target, convention=cfg.label_convention or "brats2020")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
                    disable=not (cfg.progress and self.dist.is_main))
         t0 = time.perf_counter()

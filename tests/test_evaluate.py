@@ -77,7 +77,8 @@ def test_binary_metrics_match_in_memory_and_json_is_strict(binary_case_files):
         if gt.any() and pred.any():
             assert r["hd95"] == pytest.approx(scipy_hd95(pred, gt, SPACING), abs=1e-3)
         assert (r["gt_voxels"], r["pred_voxels"]) == (int(gt.sum()), int(pred.sum()))
-    assert by_case["c4_both_empty"]["WT"] == dict(dice=1.0, hd95=0.0, gt_voxels=0, pred_voxels=0)
+    assert by_case["c4_both_empty"]["WT"] == dict(dice=1.0, hd95=0.0, gt_voxels=0, pred_voxels=0, lesion_wise=dict(
+        dice=1.0, hd95=0.0, n_tp=0, n_fn=0, n_fp=0))
     assert by_case["c3_empty_pred"]["WT"]["hd95"] is None and by_case["c3_empty_pred"]["WT"]["dice"] == 0.0
     # anisotropy matters: the same masks measured at 1 mm isotropic give a different HD95
     assert by_case["c1"]["WT"]["hd95"] != pytest.approx(hd95(*masks["c1"][::-1], spacing=(1, 1, 1)))

@@ -5,9 +5,13 @@
   or a flat folder of ``<case>.nii.gz`` / ``<case>_seg.nii.gz`` label files.
 * Every pair must share shape and affine (else an error names both files); HD95 uses the
   ground truth header's zooms as voxel spacing, so anisotropic scans are measured in mm.
-* ``--labels binary``: foreground = label > 0 in both (whole tumour).  ``--labels brats``:
-  the BraTS regions WT (1,2,4), TC (1,4), ET (4) of multi-class maps; ``brats2023``
-  uses ET = 3.
+* ``--labels auto`` (default) detects the label convention from the ground truth's values
+  (binary 0/1, BraTS 2020 0/1/2/4, BraTS 2023 0/1/2/3; :mod:`patchddm_fast.regions`) and
+  scores WT, TC and ET of multi-class maps; binary (0/1) predictions against multi-class
+  ground truth are scored as whole tumour only.  ``binary``, ``brats2020`` (``brats``) and
+  ``brats2023`` force a convention.
+* Per region, beside the whole-mask Dice and HD95, the BraTS 2023 lesion-wise Dice and HD95
+  (:mod:`patchddm_fast.lesionwise`), the challenge's ranking metrics since 2023.
 * Outputs: ``--out metrics.json`` and a CSV beside it (same name, ``.csv``).  Per case and
   region: Dice, HD95, voxel counts; per region: mean / median / std (population, ddof=0)
   of Dice over all cases and of HD95 over the cases where it is finite.  HD95 is infinite
@@ -32,20 +36,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-LABEL_MODES = ("binary", "brats", "brats2023")
+# "auto" detects the convention from the ground truth; "brats" is kept as the older name of "brats2020".
+LABEL_MODES = ("auto", "binary", "brats2020", "brats2023", "brats")
 
 
-def region_definitions(mode: str) -> Dict[str, Optional[Tuple[int, ...]]]:
-    """Region name -> label values counted as foreground (None = any nonzero)."""
-    from patchddm_fast.io.layouts import BRATS2023_REGIONS, BRATS_REGIONS
-
-    if mode == "binary":
-        return {"WT": None}
-    if mode == "brats":
-        return dict(BRATS_REGIONS)
-    if mode == "brats2023":
-        return dict(BRATS2023_REGIONS)
-    raise ValueError(f"--labels must be one of {LABEL_MODES}, got {mode!r}")
+def resolve_label_mode(mode: str) -> str:
+    """A --labels value -> "auto" or a convention of :mod:`patchddm_fast.regions`."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"--labels must be one of {LABEL_MODES}, got {mode!r}")
+    return "brats2020" if mode == "brats" else mode
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -61,9 +60,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--gt", required=True, metavar="DIR",
                    help="dataset folder (BraTS / nnU-Net / preprocessed) or flat folder of <case>[_seg].nii.gz labels")
     p.add_argument("--out", required=True, metavar="JSON", help="metrics JSON to write (a .csv is written beside it)")
-    p.add_argument("--labels", default="binary", choices=LABEL_MODES,
-                   help="binary: label > 0 (whole tumour); brats: WT/TC/ET regions of labels {0,1,2,4}; "
-                        "brats2023: same with ET = 3")
+    p.add_argument("--labels", default="auto", choices=LABEL_MODES,
+                   help="auto: detect from the ground truth's label values; binary: label > 0 (whole tumour); "
+                        "brats2020 (or brats): WT/TC/ET regions of labels {0,1,2,4}; brats2023: same with ET = 3")
+    p.add_argument("--no-lesion-wise", dest="lesion_wise", action="store_false",
+                   help="skip the BraTS 2023 lesion-wise Dice/HD95 (they cost one connected-component pass per region)")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="layout of a --gt dataset folder")
     p.add_argument("--figures", nargs="?", const="", default=None, metavar="DIR",
                    help="write a PNG per case and a summary figure (default folder: <out stem>_figures)")
@@ -101,78 +102,164 @@ def _finite(v: float) -> Optional[float]:
     return float(v) if math.isfinite(v) else None
 
 
-def evaluate_case(pred_path: Path, gt_path: Path, mode: str) -> Dict[str, Any]:
-    """Metrics of one prediction/ground-truth pair for every region of ``mode``."""
-    from patchddm_fast.io.errors import DatasetError
-    from patchddm_fast.io.nifti import affines_match, load_volume
+def _read_labels(path: Path, allowed) -> Tuple[np.ndarray, Any]:
+    from patchddm_fast.io.nifti import load_volume
     from patchddm_fast.io.volumes import check_label_values
-    from patchddm_fast.metrics import dice, hd95
 
-    regions = region_definitions(mode)
-    allowed = None if mode == "binary" else sorted({0, *[v for r in regions.values() for v in r]})
-    pred_f, pred_img = load_volume(pred_path)
-    gt_f, gt_img = load_volume(gt_path)
-    if pred_f.shape != gt_f.shape:
-        raise DatasetError(f"{pred_path}: shape {pred_f.shape} does not match ground truth {gt_path} {gt_f.shape}")
+    data, img = load_volume(path)
+    return check_label_values(data, path, allowed), img
+
+
+def detect_folder_convention(preds: Dict[str, Path], gts: Dict[str, Path], mode: str) -> Tuple[str, bool]:
+    """(convention of the ground truth, whether the predictions are binary whole-tumour masks).
+
+    ``mode`` "auto" reads every ground truth's label values and detects the convention
+    (:func:`patchddm_fast.regions.detect_convention`).  Whether predictions are whole-tumour
+    masks or label maps is read from the ``predict.json`` that ``patchddm predict`` writes
+    beside them (its ``target``); without one, predictions holding only 0/1 against
+    multi-class ground truth are taken as whole-tumour masks (a binary model's output).
+    """
+    from patchddm_fast.io.errors import DatasetError
+    from patchddm_fast.regions import LABEL_VALUES, detect_convention
+
+    mode = resolve_label_mode(mode)
+    if mode == "auto":
+        values: set = set()
+        for path in gts.values():
+            values |= set(np.unique(_read_labels(path, None)[0]).tolist())
+        try:
+            convention = detect_convention(values, source=f"ground truth ({len(gts)} label files)")
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from exc
+    else:
+        convention = mode
+    pred_values = {path: set(np.unique(_read_labels(path, None)[0]).tolist())
+                   for cid, path in preds.items() if cid in gts}
+    binary_preds = convention != "binary" and all(v <= {0, 1} for v in pred_values.values())
+    target = _prediction_target(next(iter(preds.values())).parent) if preds else None
+    if target is not None:
+        binary_preds = convention != "binary" and target == "binary"
+    if convention != "binary" and not binary_preds:
+        for path, values in pred_values.items():
+            bad = sorted(values - set(LABEL_VALUES[convention]))
+            if bad:
+                raise DatasetError(f"{path}: unexpected label values {bad} (expected a subset of "
+                                   f"{list(LABEL_VALUES[convention])}, the ground truth's {convention} convention)")
+    return convention, binary_preds
+
+
+def _prediction_target(pred_dir: Path) -> Optional[str]:
+    """The ``target`` recorded in a prediction folder's predict.json, or None."""
+    from patchddm_fast.io.layouts import PREDICTION_MARKER
+
+    marker = Path(pred_dir) / PREDICTION_MARKER
+    try:
+        return json.loads(marker.read_text()).get("target") if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def evaluate_case(pred_path: Path, gt_path: Path, convention: str, binary_pred: bool = False,
+                  lesion_wise: bool = True) -> Dict[str, Any]:
+    """Metrics of one prediction/ground-truth pair for every region of ``convention``.
+
+    Per region: Dice and HD95 of the whole masks ("legacy" in BraTS 2023 terms) and, with
+    ``lesion_wise``, the BraTS 2023 lesion-wise Dice and HD95 (:mod:`patchddm_fast.lesionwise`).
+    """
+    from patchddm_fast.io.errors import DatasetError
+    from patchddm_fast.io.nifti import affines_match
+    from patchddm_fast.lesionwise import lesion_wise as lesion_wise_scores
+    from patchddm_fast.metrics import dice, hd95
+    from patchddm_fast.regions import LABEL_VALUES, REGION_NAMES, region_masks
+
+    allowed = LABEL_VALUES[convention] if convention != "binary" else None
+    pred, pred_img = _read_labels(pred_path, (0, 1) if binary_pred else allowed)
+    gt, gt_img = _read_labels(gt_path, allowed)
+    if pred.shape != gt.shape:
+        raise DatasetError(f"{pred_path}: shape {pred.shape} does not match ground truth {gt_path} {gt.shape}")
     if not affines_match(pred_img.affine, gt_img.affine):
         diff = float(np.abs(pred_img.affine - gt_img.affine).max())
         raise DatasetError(f"{pred_path}: affine does not match ground truth {gt_path} (max abs difference {diff:.4g})")
-    pred = check_label_values(pred_f, pred_path, allowed)
-    gt = check_label_values(gt_f, gt_path, allowed)
     spacing = tuple(float(z) for z in gt_img.header.get_zooms()[:3])
+    whole_tumour_only = convention == "binary" or binary_pred
+    names = REGION_NAMES[:1] if whole_tumour_only else REGION_NAMES
+    p_masks = region_masks(pred, "binary" if whole_tumour_only else convention)
+    g_masks = region_masks(gt, "binary" if convention == "binary" else convention)
     rec: Dict[str, Any] = dict(case=None, pred=str(pred_path), gt=str(gt_path), spacing=list(spacing))
-    for name, values in regions.items():
-        p = pred > 0 if values is None else np.isin(pred, values)
-        g = gt > 0 if values is None else np.isin(gt, values)
+    for i, name in enumerate(names):
+        p, g = p_masks[i], g_masks[i]
         rec[name] = dict(dice=float(dice(p, g)), hd95=_finite(hd95(p, g, spacing=spacing, pooled=False)),
                          gt_voxels=int(g.sum()), pred_voxels=int(p.sum()))
+        if lesion_wise and p.ndim == 3:
+            lw = lesion_wise_scores(p, g, spacing)
+            rec[name]["lesion_wise"] = dict(dice=lw.dice, hd95=lw.hd95, n_tp=lw.n_tp, n_fn=lw.n_fn, n_fp=lw.n_fp)
     return rec
+
+
+def _stats(values: List[float]) -> Dict[str, Optional[float]]:
+    a = np.asarray(values, dtype=np.float64)
+    if not a.size:
+        return dict(mean=None, median=None, std=None)
+    return dict(mean=float(a.mean()), median=float(np.median(a)), std=float(a.std()))
 
 
 def summarise(records: List[Dict[str, Any]], regions) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for name in regions:
         rs = [r[name] for r in records]
-        d = np.array([r["dice"] for r in rs], dtype=np.float64)
-        h = np.array([r["hd95"] for r in rs if r["hd95"] is not None], dtype=np.float64)
-        stats = lambda a: dict(mean=float(a.mean()), median=float(np.median(a)), std=float(a.std())) if a.size else \
-            dict(mean=None, median=None, std=None)
-        out[name] = dict(n_cases=len(rs), dice=stats(d), hd95=stats(h), n_hd95_finite=int(h.size),
-                         n_hd95_infinite=len(rs) - int(h.size),
+        h = [r["hd95"] for r in rs if r["hd95"] is not None]
+        out[name] = dict(n_cases=len(rs), dice=_stats([r["dice"] for r in rs]), hd95=_stats(h),
+                         n_hd95_finite=len(h), n_hd95_infinite=len(rs) - len(h),
                          n_gt_empty=sum(r["gt_voxels"] == 0 for r in rs),
                          n_pred_empty=sum(r["pred_voxels"] == 0 for r in rs),
                          n_both_empty=sum(r["gt_voxels"] == 0 and r["pred_voxels"] == 0 for r in rs))
+        lws = [r["lesion_wise"] for r in rs if "lesion_wise" in r]
+        if lws:
+            out[name]["lesion_wise"] = dict(dice=_stats([r["dice"] for r in lws]), hd95=_stats([r["hd95"] for r in lws]),
+                                            n_tp=sum(r["n_tp"] for r in lws), n_fn=sum(r["n_fn"] for r in lws),
+                                            n_fp=sum(r["n_fp"] for r in lws))
     return out
 
 
-def evaluate_folders(pred_dir, gt, *, labels: str = "binary", layout: str = "auto") -> Dict[str, Any]:
+def evaluate_folders(pred_dir, gt, *, labels: str = "auto", layout: str = "auto",
+                     lesion_wise: bool = True) -> Dict[str, Any]:
     """Match ``<case>_seg`` predictions with ground truth and compute every metric (no files written)."""
     from patchddm_fast.io.errors import DatasetError
     from patchddm_fast.io.layouts import label_files
+    from patchddm_fast.regions import REGION_NAMES, REGIONS
 
-    regions = region_definitions(labels)
     preds = label_files(pred_dir, suffix="_seg")
     gts, _ = ground_truth(Path(gt), layout)
     matched = sorted(set(preds) & set(gts))
     if not matched:
         raise DatasetError(f"{pred_dir}: no <case>_seg.nii.gz prediction matches a ground-truth case in {gt} "
                            f"({len(preds)} predictions, {len(gts)} labelled cases)")
+    convention, binary_preds = detect_folder_convention({c: preds[c] for c in matched},
+                                                        {c: gts[c] for c in matched}, labels)
+    names = REGION_NAMES[:1] if convention == "binary" or binary_preds else REGION_NAMES
     records = []
     for cid in matched:
-        rec = evaluate_case(preds[cid], gts[cid], labels)
+        rec = evaluate_case(preds[cid], gts[cid], convention, binary_preds, lesion_wise)
         rec["case"] = cid
         unc = case_uncertainty(Path(pred_dir), cid, preds[cid], gts[cid], labels)
         if unc is not None:
             rec["uncertainty"] = unc
         records.append(rec)
+    regions = {n: (list(REGIONS[convention][n]) if convention != "binary" else "label > 0") for n in names}
     return dict(
-        labels=labels,
-        regions={k: (list(v) if v is not None else "label > 0") for k, v in regions.items()},
+        labels=convention,
+        label_mode=resolve_label_mode(labels),
+        binary_predictions=binary_preds,
+        regions=regions,
         spacing_source="ground-truth header zooms (mm)",
         hd95_definition="max of the two directed 95th percentiles of surface distances (pooled=False)",
+        lesion_wise_definition=("BraTS 2023 lesion-wise (GLI parameters: 26-connected lesions, 3 dilations with "
+                                "the 18-neighbour element, lesions <= 50 mm^3 ignored, 374 mm per false positive); "
+                                "see patchddm_fast/lesionwise.py") if lesion_wise else None,
         notes="hd95 null = infinite (exactly one of prediction / ground truth empty); HD95 summaries use the "
-              "finite cases only (count: n_hd95_finite); dice summaries use all cases; std is the population std",
-        cases=records, summary=summarise(records, regions),
+              "finite cases only (count: n_hd95_finite); dice summaries use all cases; std is the population std"
+              + ("; predictions are binary, so only the whole tumour (WT) is scored" if binary_preds else ""),
+        cases=records, summary=summarise(records, names),
         missing_predictions=sorted(set(gts) - set(preds)),
         unmatched_predictions=sorted(set(preds) - set(gts)),
         **_uncertainty_summary(records),
@@ -238,24 +325,31 @@ def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
     regions = list(result["regions"])
     with io.StringIO(newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", "region", "dice", "hd95_mm", "gt_voxels", "pred_voxels"])
+        w.writerow(["case", "region", "dice", "hd95_mm", "gt_voxels", "pred_voxels", "lesion_wise_dice",
+                    "lesion_wise_hd95_mm", "lesions_tp", "lesions_fn", "lesions_fp"])
         for rec in result["cases"]:
             for name in regions:
                 r = rec[name]
+                lw = r.get("lesion_wise")
+                lw_cells = [repr(lw["dice"]), repr(lw["hd95"]), lw["n_tp"], lw["n_fn"], lw["n_fp"]] if lw else [""] * 5
                 w.writerow([rec["case"], name, repr(r["dice"]), "inf" if r["hd95"] is None else repr(r["hd95"]),
-                            r["gt_voxels"], r["pred_voxels"]])
+                            r["gt_voxels"], r["pred_voxels"], *lw_cells])
         atomic_write_text(csv_path, f.getvalue())
     return out, csv_path
 
 
 def format_summary(result: Dict[str, Any]) -> str:
-    lines = ["| region | cases | Dice mean | Dice median | Dice std | HD95 mean (mm) | HD95 median | inf HD95 | empty gt |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| region | cases | Dice mean | Dice median | Dice std | HD95 mean (mm) | HD95 median | inf HD95 | empty gt "
+             "| lesion-wise Dice | lesion-wise HD95 (mm) | lesions TP/FN/FP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "n/a" if v is None else f"{v:.4f}"
     for name, s in result["summary"].items():
+        lw = s.get("lesion_wise")
+        lw_cells = (f"{f(lw['dice']['mean'])} | {f(lw['hd95']['mean'])} | {lw['n_tp']}/{lw['n_fn']}/{lw['n_fp']}"
+                    if lw else "n/a | n/a | n/a")
         lines.append(f"| {name} | {s['n_cases']} | {f(s['dice']['mean'])} | {f(s['dice']['median'])} | "
                      f"{f(s['dice']['std'])} | {f(s['hd95']['mean'])} | {f(s['hd95']['median'])} | "
-                     f"{s['n_hd95_infinite']} | {s['n_gt_empty']} |")
+                     f"{s['n_hd95_infinite']} | {s['n_gt_empty']} | {lw_cells} |")
     return "\n".join(lines)
 
 
@@ -287,7 +381,8 @@ def write_figures(result: Dict[str, Any], pred_dir: Path, gt: Path, folder: Path
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_folders(Path(args.pred), Path(args.gt), labels=args.labels, layout=args.layout)
+    result = evaluate_folders(Path(args.pred), Path(args.gt), labels=args.labels, layout=args.layout,
+                              lesion_wise=args.lesion_wise)
     check_metrics_targets(result, Path(args.out), args.overwrite)
     json_path, csv_path = write_metrics(result, Path(args.out))
     if "uncertainty" in result:

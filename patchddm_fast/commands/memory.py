@@ -15,6 +15,9 @@ def add_memory_flags(p: argparse.ArgumentParser, recipe: bool = True) -> None:
                    help="edge of the cubic input in voxels (default: 128 for PatchDDM/HalfRes training and "
                         "HalfRes sampling, 256 otherwise); a multiple of 64")
     p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--target", default="binary", choices=["binary", "regions"],
+                   help="binary: the paper's whole-tumour mask; regions: WT/TC/ET as three mask channels "
+                        "(only the first and last convolutions grow)")
     if recipe:
         p.add_argument("--recipe", default="engine", choices=["engine", "paper"],
                        help="engine: fused ops, bf16, checkpointing; paper: the reference code's settings")
@@ -44,10 +47,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def simulate_from_args(args: argparse.Namespace, recipe: str = None):
     from patchddm_fast.memory import simulate
+    from patchddm_fast.memory.planner import region_channels
 
+    channels = region_channels(args.preset, args.target) if getattr(args, "target", "binary") != "binary" else None
     return simulate(args.preset, args.mode, size=args.size, recipe=recipe or args.recipe, precision=args.precision,
                     checkpoint=args.checkpoint, offload=args.offload, batch=args.batch, ops=args.ops,
-                    tiled=args.tiled)
+                    tiled=args.tiled, model_kwargs=channels)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,11 @@ For every case it writes into ``--out``:
 * ``<case>_prob.nii.gz`` -- float32 ensemble mean,
 * ``<case>_var.nii.gz``  -- float32 ensemble variance (uncertainty),
 
+or, for a region model (``--target regions``), ``<case>_seg.nii.gz`` as one label map in the
+training data's convention (BraTS 2020 0/1/2/4 or 2023 0/1/2/3, stored in the checkpoint;
+ET ⊂ TC ⊂ WT enforced, see :mod:`patchddm_fast.regions`) and ``_prob_{WT,TC,ET}`` /
+``_var_{WT,TC,ET}`` per region,
+
 all on the ORIGINAL voxel grid with the first modality's header (affine, qform/sform and
 their codes, zooms, units), so they overlay the scan in any viewer; plus ``predict.json``
 (settings, preprocessing, timing and the crop/pad box of every case).  The preprocessing
@@ -32,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 OUTPUT_SUFFIXES = ("_seg", "_prob", "_var")
+REGION_OUTPUT_SUFFIXES = ("_seg",) + tuple(f"_{kind}_{name}" for kind in ("prob", "var") for name in ("WT", "TC", "ET"))
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -117,7 +123,8 @@ def check_output_folder(out: Path, input_folders, cases, overwrite: bool, figure
     targets = [confined(out, PREDICTION_MARKER)]
     for c in cases:
         check_case_id(c.case_id)
-        names = [f"{c.case_id}{suffix}.nii.gz" for suffix in OUTPUT_SUFFIXES]
+        suffixes = sorted(set(OUTPUT_SUFFIXES) | set(REGION_OUTPUT_SUFFIXES))
+        names = [f"{c.case_id}{suffix}.nii.gz" for suffix in suffixes]
         targets += [confined(out, name) for name in names + ([f"{c.case_id}_prediction.png"] if figures else [])]
     check_targets(targets, overwrite=overwrite, inputs=[f for c in cases for f in c.files], folder=out)
 
@@ -131,10 +138,13 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
                  threshold: float = 0.5, already_normalised: bool = False, image_channels: int = 4,
                  device: str = "cpu", progress: bool = True, figures: bool = False,
                  segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None,
-                 write: bool = True, sampler: str = "ddim", member_batch: Optional[int] = None) -> Dict[str, Any]:
+                 write: bool = True, sampler: str = "ddim", member_batch: Optional[int] = None,
+                 convention: Optional[str] = None) -> Dict[str, Any]:
     """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record.
 
-    ``write=False``: segment only (a non-zero rank helping with a sharded ensemble)."""
+    ``write=False``: segment only (a non-zero rank helping with a sharded ensemble).  A region
+    model's result (3 channels) is written as a label map in ``convention`` plus per-region
+    probability and variance maps."""
     import torch
 
     from patchddm_fast.io.nifti import save_like
@@ -157,12 +167,24 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
     box = prep.box
     # The ensemble mean of the final samples lies in about [-1.03, 1.03] (x0 clamped to [-1, 1]
     # plus the last step's noise); as a foreground probability it is clipped to [0, 1].
-    mean = box.invert(np.clip(res.mean.detach().float().cpu().numpy(), 0.0, 1.0))
-    var = box.invert(res.var.detach().float().cpu().numpy())
-    mask = box.invert(res.mask.detach().cpu().numpy().astype(np.uint8))
+    mean_all = np.clip(res.mean.detach().float().cpu().numpy(), 0.0, 1.0)
+    var_all = res.var.detach().float().cpu().numpy()
+    if res.mask.dim() == 4:  # WT/TC/ET regions
+        from patchddm_fast.regions import REGION_NAMES, label_map
+
+        mask = box.invert(label_map(res.mask.detach().cpu().numpy(), convention or "brats2020"))
+        writes = [("_seg", mask, np.uint8, f"labels ({convention or 'brats2020'})")]
+        for i, name in enumerate(REGION_NAMES):
+            writes += [(f"_prob_{name}", box.invert(mean_all[i]), np.float32, f"{name} ensemble mean"),
+                       (f"_var_{name}", box.invert(var_all[i]), np.float32, f"{name} ensemble variance")]
+        mean, var = writes[1][1], writes[2][1]  # the whole tumour's, for the figure
+    else:
+        mean, var = box.invert(mean_all), box.invert(var_all)
+        mask = box.invert(res.mask.detach().cpu().numpy().astype(np.uint8))
+        writes = [("_seg", mask, np.uint8, "mask"), ("_prob", mean, np.float32, "ensemble mean"),
+                  ("_var", var, np.float32, "ensemble variance")]
     outputs = {}
-    for suffix, data, dtype, what in (("_seg", mask, np.uint8, "mask"), ("_prob", mean, np.float32, "ensemble mean"),
-                                      ("_var", var, np.float32, "ensemble variance")):
+    for suffix, data, dtype, what in writes:
         path = out_dir / f"{case.case_id}{suffix}.nii.gz"
         save_like(data, loaded.reference, path, dtype, description=f"patchddm_fast {what}")
         outputs[suffix.lstrip("_")] = str(path)
@@ -173,7 +195,7 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
         case_figure(flair, None, mean, var, out_dir / f"{case.case_id}_prediction.png",
                     title=f"{case.case_id} (ensemble {ensemble}, {sampler} {steps} steps)", spacing=loaded.zooms)
     return dict(case=case.case_id, inputs=[str(f) for f in case.images], outputs=outputs, box=box.to_dict(),
-                shape=list(mask.shape), zooms=list(loaded.zooms), predicted_voxels=int(mask.sum()),
+                shape=list(mask.shape), zooms=list(loaded.zooms), predicted_voxels=int((mask > 0).sum()),
                 seconds=round(time.perf_counter() - start, 3))
 
 
@@ -215,7 +237,8 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
 
     output_folder(out, "--out")
     records: List[Dict[str, Any]] = []
-    summary = dict(model=str(args.model), method=method, ensemble=args.ensemble, steps=args.steps, seed=args.seed,
+    summary = dict(model=str(args.model), method=method, target=cfg.get("target", "binary"),
+                   label_convention=cfg.get("label_convention"), ensemble=args.ensemble, steps=args.steps, seed=args.seed,
                    sampler=args.sampler,
                    threshold=args.threshold, device=device, preprocess=pre.to_dict(),
                    already_normalised=normalised, cases=records)
@@ -238,7 +261,8 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
                                image_channels=int(cfg.get("image_channels", 4)), device=device,
                                progress=not quiet, figures=args.figures, memory_budget=args.memory_budget,
                                segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble,
-                               sampler=args.sampler, member_batch=args.member_batch)
+                               sampler=args.sampler, member_batch=args.member_batch,
+                               convention=cfg.get("label_convention"))
         except NonFiniteSampleError as exc:
             raise NonFiniteSampleError(f"{args.model}: {exc}") from None
         local.append(rec)
@@ -255,5 +279,6 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
     if ctx.is_main:
         atomic_write_text(out / PREDICTION_MARKER, json.dumps(summary, indent=1))
     if not quiet:
-        print(f"wrote {3 * len(records)} NIfTI files for {len(records)} case(s) to {out}", file=sys.stderr)
+        n_files = sum(len(r.get("outputs", {})) for r in records)
+        print(f"wrote {n_files} NIfTI files for {len(records)} case(s) to {out}", file=sys.stderr)
     return 0

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
                              steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
                              memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
-                             overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch)
+                             overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch,
+                             convention=config.label_convention)
     print(format_table(metrics))
     return 0

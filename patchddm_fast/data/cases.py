@@ -38,7 +38,7 @@ class VolumeCase:
 
     case_id: str
     image: torch.Tensor  # (4, D, H, W) float32 in [0, 1], padded
-    label: torch.Tensor  # (D, H, W) bool, padded
+    label: torch.Tensor  # (D, H, W) uint8 label values (0/1, or BraTS classes), padded
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -51,17 +51,20 @@ class VolumeCase:
 
 
 def pad_case(case_id: str, image, label, multiple: int) -> VolumeCase:
+    """A padded in-memory case; the label keeps its values (bool labels become 0/1)."""
     image = torch.as_tensor(np.asarray(image, dtype=np.float32))
-    label = torch.as_tensor(np.asarray(label)).bool()
+    label = torch.as_tensor(np.asarray(label).astype(np.uint8))
     image, _ = pad_to_multiple(image, multiple)
     label, _ = pad_to_multiple(label[None].float(), multiple)
-    return VolumeCase(case_id, image, label[0] > 0.5)
+    return VolumeCase(case_id, image, label[0].round().to(torch.uint8))
 
 
-def read_whole(case: CaseSource) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(image float32 (4, D, H, W), label bool (D, H, W)) of a whole padded case."""
+def read_whole(case: CaseSource, binary: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(image float32 (4, D, H, W), label (D, H, W)) of a whole padded case: the label as
+    whole-tumour bool (``binary``) or as its uint8 values (for region targets)."""
     image, label = case.read()
-    return torch.as_tensor(np.asarray(image, dtype=np.float32)), torch.as_tensor(np.asarray(label)) > 0
+    label = torch.as_tensor(np.asarray(label))
+    return torch.as_tensor(np.asarray(image, dtype=np.float32)), (label > 0 if binary else label.to(torch.uint8))
 
 
 def step_generators(seed: int, step: int, index: int = 0) -> Tuple[np.random.Generator, torch.Generator]:
@@ -83,10 +86,12 @@ def step_generators(seed: int, step: int, index: int = 0) -> Tuple[np.random.Gen
 class BatchSampler:
     """Conditioning and target batches for one method (PatchDDM patches, HalfRes, FullRes)."""
 
-    def __init__(self, cases: Sequence[CaseSource], method: str, patch_size: int = 128, distribution: str = "trapezoid"):
+    def __init__(self, cases: Sequence[CaseSource], method: str, patch_size: int = 128, distribution: str = "trapezoid",
+                 target: str = "binary", convention: str = "brats2020"):
         if not cases:
             raise ValueError("no training cases")
         self.method = check_method(method)
+        self.target, self.convention = target, convention
         self.cases = list(cases)
         shapes = {tuple(c.shape) for c in self.cases}
         self.patch: Optional[Tuple[int, int, int]] = None
@@ -104,7 +109,7 @@ class BatchSampler:
             origin = (0, 0, 0) if self.patch is None else tuple(self.offsets[tuple(case.shape)].sample(rng))
             image, label = case.read(origin, self.patch)
             image = torch.as_tensor(np.asarray(image, dtype=np.float32))
-            label = torch.as_tensor(np.asarray(label)) > 0
+            label = torch.as_tensor(np.asarray(label))
             conds.append(condition(image, self.method, case.shape, origin))
-            targets.append(target_mask(label, self.method))
+            targets.append(target_mask(label, self.method, self.target, self.convention))
         return torch.stack(conds), torch.stack(targets)

@@ -154,9 +154,18 @@ def _blur121(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | None = None) -> PhantomCase:
-    """Build one BraTS-like case of ``size`` (an int for a cube, or (D, H, W)) from ``seed``."""
+def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | None = None,
+                 lesions: int = 1) -> PhantomCase:
+    """Build one BraTS-like case of ``size`` (an int for a cube, or (D, H, W)) from ``seed``.
+
+    ``lesions`` > 1 adds smaller, separate (multifocal) tumours, each with its own edema,
+    enhancing rim and necrotic core, placed so that no two touch even after the BraTS 2023
+    lesion-wise matching's 3-voxel dilation at 64^3: they exercise the lesion-wise metrics.
+    Their parameters come from a separate random stream, so ``lesions=1`` is unchanged.
+    """
     shape = _check_size(size)
+    if int(lesions) != lesions or not 1 <= lesions <= 3:
+        raise ValueError(f"lesions must be 1, 2 or 3, got {lesions!r}")
     rng = np.random.default_rng(seed)
 
     # ---- scalar parameters and coarse grids (independent of the size) ----
@@ -212,6 +221,9 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
         wt.flat[int(np.argmin(d))] = True
     core = wt & (rho_t <= core_frac)
     necrosis = core & (rho_t <= core_frac * nec_frac)
+    if lesions > 1:
+        wt, core, necrosis = _add_lesions(h, brain, wt, core, necrosis, tumour_c, wt_r, decoy_c, decoy_r,
+                                          int(lesions) - 1, np.random.default_rng([int(seed), 7919]), grids["tumour"])
     labels = np.zeros(shape, dtype=np.uint8)
     labels[wt] = 2
     labels[core] = 4
@@ -261,13 +273,60 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     )
 
 
+def _add_lesions(h, brain, wt, core, necrosis, first_c, first_r, decoy_c, decoy_r, extra: int,
+                 rng: np.random.Generator, tumour_grid: np.ndarray):
+    """OR ``extra`` smaller tumours (edema / enhancing core / necrosis) into the region masks.
+
+    Centres are drawn in the brain, away from the decoys and from every tumour already
+    placed by more than the sum of their (noise-inflated) radii plus a margin of ~10 voxels
+    at 64^3, so each lesion is its own 26-connected component after 3 dilations.
+    """
+    shape = wt.shape
+    placed = [(np.asarray(first_c), 1.25 * float(np.max(first_r)))]
+    for _ in range(extra):
+        radii = rng.uniform(0.10, 0.16) * rng.uniform(0.85, 1.15, 3)
+        reach = 1.4 * float(np.max(radii))
+        centre = None
+        for _ in range(200):
+            cand = rng.uniform(-0.65, 0.65, 3)
+            clear = all(np.linalg.norm(cand - c) > r + reach + 0.25 for c, r in placed)
+            far = all(np.linalg.norm(cand - decoy_c * [s, 1, 1]) > decoy_r + reach + 0.1 for s in (-1, 1))
+            if np.linalg.norm(cand) < 0.65 and clear and far:
+                centre = cand
+                break
+        if centre is None:  # no room (tiny or crowded volume): fewer lesions
+            break
+        placed.append((centre, reach))
+        rho = _ellipsoid_radius(h, centre, radii) + 0.3 * _upsample(np.roll(tumour_grid, 3 * len(placed), 0), shape)
+        lesion = brain & (rho <= 1.0)
+        core_frac, nec_frac = rng.uniform(0.45, 0.7), rng.uniform(0.3, 0.6)
+        wt = wt | lesion
+        core = core | (lesion & (rho <= core_frac))
+        necrosis = necrosis | (lesion & (rho <= core_frac * nec_frac))
+    return wt, core, necrosis
+
+
 def case_seed(dataset_seed: int, index: int) -> int:
     """Seed of case ``index`` in ``make_phantom_dataset(..., seed=dataset_seed)`` (collision-resistant)."""
     return int(np.random.SeedSequence([int(dataset_seed), int(index)]).generate_state(1, np.uint32)[0])
 
 
-def make_phantom_dataset(n: int, size: int | tuple[int, int, int], seed: int) -> list[PhantomCase]:
-    """``n`` independent cases with ids ``phantom_000``, ``phantom_001``, ... (deterministic in ``seed``)."""
+def lesion_count(dataset_seed: int, index: int, multifocal: float) -> int:
+    """Lesions of case ``index``: 2 or 3 with probability ``multifocal``, else 1 (own stream)."""
+    if multifocal <= 0:
+        return 1
+    draw = np.random.default_rng([int(dataset_seed), int(index), 2]).random(2)
+    return 1 + int(draw[0] < multifocal) * (1 + int(draw[1] < 0.5))
+
+
+def make_phantom_dataset(n: int, size: int | tuple[int, int, int], seed: int,
+                         multifocal: float = 0.0) -> list[PhantomCase]:
+    """``n`` independent cases with ids ``phantom_000``, ``phantom_001``, ... (deterministic in ``seed``).
+
+    A fraction ``multifocal`` of the cases (in expectation) carries 2-3 separate lesions."""
     if int(n) != n or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    return [make_phantom(size, case_seed(seed, i), case_id=f"phantom_{i:03d}") for i in range(int(n))]
+    if not 0.0 <= multifocal <= 1.0:
+        raise ValueError(f"multifocal must be a fraction in [0, 1], got {multifocal!r}")
+    return [make_phantom(size, case_seed(seed, i), case_id=f"phantom_{i:03d}", lesions=lesion_count(seed, i, multifocal))
+            for i in range(int(n))]

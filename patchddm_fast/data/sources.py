@@ -4,23 +4,41 @@ from __future__ import annotations
 from typing import List, Tuple
 
 from patchddm_fast.data.cases import VolumeCase, pad_case
+from patchddm_fast.regions import detect_convention
 
 # Validation phantoms are drawn from a seed stream far from the training ones, so the
 # two sets never share a case.
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
-def phantom_cases(n: int, size: int, seed: int, multiple: int) -> List[VolumeCase]:
+def phantom_cases(n: int, size: int, seed: int, multiple: int, multifocal: float = 0.0) -> List[VolumeCase]:
     from patchddm_fast.data.phantom import make_phantom_dataset
 
-    return [pad_case(c.case_id, c.image, c.label, multiple) for c in make_phantom_dataset(n, size, seed)]
+    return [pad_case(c.case_id, c.image, c.labels, multiple)
+            for c in make_phantom_dataset(n, size, seed, multifocal=multifocal)]
+
+
+def label_convention(config) -> str:
+    """The label convention of a run's training data: phantoms carry BraTS 2020 labels
+    (0/1/2/4); a dataset folder's layout says which values its labels use."""
+    if config.data == "phantom":
+        return "brats2020"
+    from patchddm_fast.io.layouts import open_dataset  # local, like load_cases: io imports data (a known circle, issue 8)
+
+    dataset = open_dataset(config.data, layout=getattr(config, "layout", "auto"))
+    if dataset.label_values is None:
+        raise ValueError(f"{config.data}: the dataset does not declare its label values, so the label convention "
+                         f"(binary, brats2020 or brats2023) cannot be detected")
+    return detect_convention(dataset.label_values, source=str(config.data))
 
 
 def load_cases(config, multiple: int) -> Tuple[List[VolumeCase], List[VolumeCase]]:
     """(train, validation) cases for a TrainConfig, padded to ``multiple``."""
     if config.data == "phantom":
-        train = phantom_cases(config.phantom_train, config.phantom_size, config.seed, multiple)
-        val = phantom_cases(config.phantom_val, config.phantom_size, config.seed + VALIDATION_SEED_OFFSET, multiple)
+        multifocal = getattr(config, "phantom_multifocal", 0.0)
+        train = phantom_cases(config.phantom_train, config.phantom_size, config.seed, multiple, multifocal)
+        val = phantom_cases(config.phantom_val, config.phantom_size, config.seed + VALIDATION_SEED_OFFSET, multiple,
+                            multifocal)
         return train, val
     from patchddm_fast.io.training import dataset_cases
 

@@ -32,16 +32,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from patchddm_fast.io.errors import DatasetError
 from patchddm_fast.io.nifti import PathLike, nifti_stem
+from patchddm_fast.regions import BRATS2023_REGIONS, BRATS_REGIONS  # re-exported: io.BRATS_REGIONS
 
 MODALITIES: Tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 PREPROCESSED_MARKER = "patchddm_preprocessed.json"
 PREDICTION_MARKER = "predict.json"  # written by `patchddm predict`: such folders are never scanned as data
 LAYOUTS = ("brats2020", "brats2023", "nnunet", "patchddm-preprocessed")
 MAX_DEPTH = 3
-
-# Evaluation regions (label values counted as foreground) per label convention.
-BRATS_REGIONS: Dict[str, Tuple[int, ...]] = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
-BRATS2023_REGIONS: Dict[str, Tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 # Names nnU-Net dataset.json files use for the four BraTS contrasts (lower case, no spaces/dashes).
 _CHANNEL_SYNONYMS = {

@@ -48,7 +48,10 @@ def dataset_cases(config: Any, multiple: int) -> Tuple[List[CachedVolume], List[
     dataset, split = dataset_split(config)
     if not split.train:
         raise ValueError(f"{config.data}: the split has no training cases")
-    pre = preprocess_config_for(getattr(config, "preprocess", None), multiple)
+    params = dict(getattr(config, "preprocess", None) or {})
+    if getattr(config, "target", "binary") == "regions":
+        params["label_mode"] = "multiclass"  # WT/TC/ET need the label values, not their union
+    pre = preprocess_config_for(params, multiple)
     cache = VolumeCache(getattr(config, "cache_dir", None))
     progress = bool(getattr(config, "progress", True))
     workers = int(getattr(config, "preprocess_workers", 1))

@@ -23,9 +23,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from patchddm_fast.conditioning import IMAGE_CHANNELS, in_channels
 from patchddm_fast.memory import allocator
 from patchddm_fast.memory.report import MemoryReport, fmt_bytes
 from patchddm_fast.memory.simulate import DEFAULT_SIZES, simulate
+from patchddm_fast.regions import target_channels
 
 DEFAULT_HEADROOM = 0.05
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -208,10 +210,21 @@ def oom_advice(exc: BaseException, preset: str, mode: str, gpu_memory: Union[str
             f"the most frugal ({p.settings}) needs about {fmt_bytes(p.predicted_process_bytes)}.")
 
 
-def planner_arch(arch: Dict[str, Any]) -> Dict[str, Any]:
+def planner_arch(arch: Dict[str, Any], method: Optional[str] = None, target: str = "binary") -> Dict[str, Any]:
     """A network's architecture (UNet3D arguments, e.g. ``model.config``) as the planner's
-    ``model_kwargs``: hashable, so simulations of the same network are cached once."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+    ``model_kwargs``: hashable, so simulations of the same network are cached once.  With a
+    ``method``, the input/output channels of ``target`` are added (regions: 3 mask channels,
+    which change only the first and last convolutions)."""
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+    if method is not None and target != "binary":
+        out.update(region_channels(method, target))
+    return out
+
+
+def region_channels(method: str, target: str) -> Dict[str, int]:
+    """UNet3D in/out channels of a ``target`` ("binary" or "regions") for ``method``."""
+    mask = target_channels(target)
+    return dict(in_channels=in_channels(method, IMAGE_CHANNELS, mask), out_channels=mask)
 
 
 @contextlib.contextmanager

@@ -288,6 +288,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
         if model.size_multiple and size % model.size_multiple:
             raise ValueError(f"size {size} must be a multiple of {model.size_multiple} for this network")
         cin = model.config["in_channels"]
+        cmask = model.config["out_channels"]  # diffused mask channels: 1, or 3 for WT/TC/ET regions
         in_dtype = precision.dtype if settings.input_dtype == "compute" else torch.float32
         if settings.offload != "none" or settings.tiled:
             model.set_offload(Offload(settings.offload, store=SimulatedHostStore(tracker), tiled=settings.tiled))
@@ -304,7 +305,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
         totals = {WEIGHTS: sum(p.numel() * p.element_size() for p in model.parameters()), GRADIENTS: 0, OPTIMIZER: 0}
         try:
             if mode == "train":
-                inputs = train_inputs(cin, size, batch)
+                inputs = train_inputs(cin, size, batch, mask_channels=cmask)
                 tracker.register(inputs.values(), INPUTS)
                 scaler = _SimScaler(settings.precision == "fp16")
                 scaler.on_step = lambda: grad_sids.update(
@@ -329,7 +330,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
                                         if p.grad is not None)
                 totals[OPTIMIZER] = sum(v.numel() * v.element_size() for v in state)
             else:
-                inputs = eval_inputs(cin, size, batch, cond_dtype=in_dtype)
+                inputs = eval_inputs(cin, size, batch, cond_dtype=in_dtype, mask_channels=cmask)
                 tracker.register(inputs.values(), INPUTS)
                 model.eval()
                 with tracker:

@@ -26,12 +26,13 @@ def _no_phase(name: str) -> ContextManager:
 
 
 def train_inputs(in_channels: int, size: int, batch: int = 1, device="cpu",
-                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """Random conditioning (N, C-1, S, S, S), binary mask x0, noise and timesteps, all fp32 like the Trainer's."""
-    shape = (batch, 1, size, size, size)
+                 generator: Optional[torch.Generator] = None, mask_channels: int = 1) -> Dict[str, torch.Tensor]:
+    """Random conditioning (N, C - M, S, S, S), binary mask x0 of M channels (1, or 3 for the
+    WT/TC/ET regions), noise and timesteps, all fp32 like the Trainer's."""
+    shape = (batch, mask_channels, size, size, size)
     kw = dict(generator=generator, device=device)
     return dict(
-        cond=torch.randn((batch, in_channels - 1, size, size, size), **kw),
+        cond=torch.randn((batch, in_channels - mask_channels, size, size, size), **kw),
         x0=(torch.rand(shape, **kw) > 0.5).float(),
         noise=torch.randn(shape, **kw),
         t=torch.randint(0, 1000, (batch,), **kw),
@@ -54,12 +55,13 @@ def train_step(model: torch.nn.Module, diffusion, optimizer: torch.optim.Optimiz
 
 
 def eval_inputs(in_channels: int, size: int, batch: int = 1, device="cpu", cond_dtype: torch.dtype = torch.float32,
-                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """The sampler's state for one evaluation: conditioning (held in ``cond_dtype``), x_t (fp32), t."""
+                generator: Optional[torch.Generator] = None, mask_channels: int = 1) -> Dict[str, torch.Tensor]:
+    """The sampler's state for one evaluation: conditioning (held in ``cond_dtype``), x_t (fp32,
+    M mask channels), t."""
     kw = dict(generator=generator, device=device)
     return dict(
-        cond=torch.randn((batch, in_channels - 1, size, size, size), **kw).to(cond_dtype),
-        x_t=torch.randn((batch, 1, size, size, size), **kw),
+        cond=torch.randn((batch, in_channels - mask_channels, size, size, size), **kw).to(cond_dtype),
+        x_t=torch.randn((batch, mask_channels, size, size, size), **kw),
         t=torch.randint(0, 1000, (batch,), **kw),
     )
 
