@@ -241,7 +241,7 @@ def evaluate_folders(pred_dir, gt, *, labels: str = "auto", layout: str = "auto"
     for cid in matched:
         rec = evaluate_case(preds[cid], gts[cid], convention, binary_preds, lesion_wise)
         rec["case"] = cid
-        unc = case_uncertainty(Path(pred_dir), cid, preds[cid], gts[cid], labels)
+        unc = case_uncertainty(Path(pred_dir), cid, preds[cid], gts[cid])
         if unc is not None:
             rec["uncertainty"] = unc
         records.append(rec)
@@ -266,19 +266,21 @@ def evaluate_folders(pred_dir, gt, *, labels: str = "auto", layout: str = "auto"
     )
 
 
-def case_uncertainty(pred_dir: Path, cid: str, pred_path: Path, gt_path: Path, mode: str) -> Optional[Dict[str, Any]]:
-    """Uncertainty metrics of one case from its ``_prob``/``_var`` maps (None when either is
-    missing), for the first region of ``mode`` (the whole tumour, which ``predict`` segments)."""
+def case_uncertainty(pred_dir: Path, cid: str, pred_path: Path, gt_path: Path) -> Optional[Dict[str, Any]]:
+    """Uncertainty metrics of one case's whole tumour from its probability and variance maps:
+    ``_prob``/``_var`` of a whole-tumour model, or ``_prob_WT``/``_var_WT`` of a region model
+    (None when neither pair exists).  WT is every nonzero label in every convention."""
     from patchddm_fast.io.errors import DatasetError
     from patchddm_fast.io.nifti import load_volume
     from patchddm_fast.uncertainty import uncertainty_metrics
 
-    prob_path, var_path = pred_dir / f"{cid}_prob.nii.gz", pred_dir / f"{cid}_var.nii.gz"
-    if not (prob_path.is_file() and var_path.is_file()):
+    for tag in ("", "_WT"):
+        prob_path, var_path = pred_dir / f"{cid}_prob{tag}.nii.gz", pred_dir / f"{cid}_var{tag}.nii.gz"
+        if prob_path.is_file() and var_path.is_file():
+            break
+    else:
         return None
-    values = next(iter(region_definitions(mode).values()))
-    gt_f = load_volume(gt_path)[0]
-    gt = gt_f > 0 if values is None else np.isin(gt_f, values)
+    gt = load_volume(gt_path)[0] > 0
     seg = load_volume(pred_path)[0] > 0
     prob, var = load_volume(prob_path)[0], load_volume(var_path)[0]
     for path, arr in ((prob_path, prob), (var_path, var)):
@@ -287,7 +289,7 @@ def case_uncertainty(pred_dir: Path, cid: str, pred_path: Path, gt_path: Path, m
         if not np.isfinite(arr).all():
             raise DatasetError(f"{path}: contains NaN or infinite values")
     rec = uncertainty_metrics(prob, var, gt, pred=seg)
-    rec["region"] = next(iter(region_definitions(mode)))
+    rec["region"] = "WT"
     return rec
 
 
