@@ -178,6 +178,7 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     from patchddm_fast.nn.backend import OPS_BACKENDS
     from patchddm_fast.nn.unet import CHECKPOINT_MODES
     from patchddm_fast.precision import PRECISIONS
+    from patchddm_fast.regions import CONVENTIONS, TARGETS
     from patchddm_fast.trainer import LR_SCHEDULES
 
     out = dict(d)
@@ -194,6 +195,13 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     for key, allowed in choices.items():
         if key in d:
             v.check_choice(d[key], key, allowed, src(key))
+    if "target" in d:
+        v.check_choice(d["target"], "target", TARGETS, src("target"))
+    if d.get("label_convention") is not None:
+        v.check_choice(d["label_convention"], "label_convention", CONVENTIONS, src("label_convention"))
+    if "phantom_multifocal" in d:
+        out["phantom_multifocal"] = v.check_float(d["phantom_multifocal"], "phantom_multifocal",
+                                                  src("phantom_multifocal"), 0.0, 1.0)
     for key in ("data", "out_dir"):
         if key in d:
             v.check_str(d[key], key, src(key))
