@@ -150,7 +150,14 @@ def test_existing_outputs_need_overwrite_and_inputs_never(world, capsys):
     rc, err = run(predict_args(world, out), capsys)
     assert rc == 2 and "exist already" in err and "--overwrite" in err and str(out) in err
     assert snapshot(world["root"]) == before
-    # evaluate: --out onto a ground-truth file is refused even with --overwrite
+    # evaluate: an existing metrics file (or figure) needs --overwrite; a ground-truth file is never replaced
+    metrics = world["root"] / "m" / "metrics.json"
+    ev = ["evaluate", "--pred", out, "--gt", world["root"] / "ds", "--out", metrics, "--figures", "--quiet"]
+    assert run(ev, capsys)[0] == 0
+    written = snapshot(world["root"])
+    rc, err = run(ev, capsys)
+    assert rc == 2 and "exist already" in err and str(metrics.parent) in err and snapshot(world["root"]) == written
+    assert run(ev + ["--overwrite"], capsys)[0] == 0
     gt = world["case"] / "BraTS20_Training_001_seg.nii.gz"
     rc, err = run(["evaluate", "--pred", out, "--gt", world["root"] / "ds", "--out",
                    world["case"] / "BraTS20_Training_001_seg.nii.gz", "--overwrite", "--quiet"], capsys)

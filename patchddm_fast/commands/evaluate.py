@@ -300,16 +300,21 @@ def _uncertainty_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     return dict(uncertainty=summarise_uncertainty(with_maps)) if with_maps else {}
 
 
-def check_metrics_targets(result: Dict[str, Any], out: Path, overwrite: bool) -> None:
-    """--out must be a file path; its JSON and CSV never replace an input, nor an existing file without --overwrite."""
+def check_metrics_targets(result: Dict[str, Any], out: Path, overwrite: bool,
+                          figures: Optional[Path] = None) -> None:
+    """--out must be a file path; its JSON and CSV (and the figures) never replace an input,
+    nor an existing file without --overwrite; figure names stay inside the figures folder."""
     from patchddm_fast.io.errors import DatasetError
-    from patchddm_fast.safe_paths import check_targets
+    from patchddm_fast.safe_paths import check_case_id, check_targets, confined
 
     out = Path(out)
     if out.is_dir():
         raise DatasetError(f"{out}: --out must be the path of a JSON file, but it is a folder")
     inputs = [f for rec in result["cases"] for f in (rec["pred"], rec["gt"])]
     check_targets([out, out.with_suffix(".csv")], overwrite=overwrite, inputs=inputs, folder=out.parent)
+    if figures is not None:
+        names = [f"{check_case_id(rec['case'])}.png" for rec in result["cases"]] + ["summary.png"]
+        check_targets([confined(figures, n) for n in names], overwrite=overwrite, inputs=inputs, folder=figures)
 
 
 def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
@@ -385,16 +390,19 @@ def write_figures(result: Dict[str, Any], pred_dir: Path, gt: Path, folder: Path
 def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(Path(args.pred), Path(args.gt), labels=args.labels, layout=args.layout,
                               lesion_wise=args.lesion_wise)
-    check_metrics_targets(result, Path(args.out), args.overwrite)
-    json_path, csv_path = write_metrics(result, Path(args.out))
+    out = Path(args.out)
+    folder = None
+    if args.figures is not None:
+        folder = Path(args.figures) if args.figures else out.with_name(out.stem + "_figures")
+    check_metrics_targets(result, out, args.overwrite, folder)
+    json_path, csv_path = write_metrics(result, out)
     if "uncertainty" in result:
         from patchddm_fast.report import uncertainty_figure
 
         unc_cases = [dict(r["uncertainty"], case=r["case"]) for r in result["cases"] if "uncertainty" in r]
         uncertainty_figure(unc_cases, json_path.with_name(json_path.stem + "_uncertainty.png"),
                            title="variance vs errors, calibration of the probability map")
-    if args.figures is not None:
-        folder = Path(args.figures) if args.figures else json_path.with_name(json_path.stem + "_figures")
+    if folder is not None:
         write_figures(result, Path(args.pred), Path(args.gt), folder, args.layout)
     if not args.quiet:
         print(format_summary(result))

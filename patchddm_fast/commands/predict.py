@@ -44,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from patchddm_fast.commands.sample import add_memory_budget_flag, add_sampler_flags
     from patchddm_fast.validation import float_in, int_at_least
     from patchddm_fast.io.layouts import LAYOUTS
+    from patchddm_fast.validation import float_in, int_at_least
 
     p = sub.add_parser(
         "predict", help="segment NIfTI cases (case folder, dataset folder or files) with a checkpoint",
@@ -56,7 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a case folder, a dataset folder (BraTS / nnU-Net / preprocessed), or the image files of one "
                         "case in channel order t1 t1ce t2 flair")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not be an input folder)")
-    p.add_argument("--ensemble", type=int_at_least(1), default=5, help="samples per case; mean = prediction, variance = uncertainty")
+    p.add_argument("--ensemble", type=int_at_least(1), default=5,
+                   help="samples per case; mean = prediction, variance = uncertainty")
     p.add_argument("--steps", "--sampling-steps", dest="steps", type=int_at_least(1), default=20,
                    help="DDIM steps per sample (about 20 match 1000)")
     p.add_argument("--seed", "--sampling-seed", dest="seed", type=int, default=0, help="seed of the initial noise")
@@ -213,8 +215,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, ctx, device: str) -> int:
     from patchddm_fast import distributed
-    from patchddm_fast.checkpoint import load_for_inference
+    from patchddm_fast.checkpoint import atomic_write_text, load_for_inference
+    from patchddm_fast.io.layouts import PREDICTION_MARKER
     from patchddm_fast.io.training import preprocess_config_for
+    from patchddm_fast.safe_paths import output_folder
+    from patchddm_fast.sampling import NonFiniteSampleError
 
     cases, folders, normalised = distributed.agree(
         lambda: resolve_inputs(args.input, layout=args.layout, case_id=args.case_id, cases=args.cases,
@@ -230,11 +235,6 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
         print(f"patchddm predict: {args.model} stores no preprocessing parameters; using the defaults",
               file=sys.stderr)
     pre = preprocess_config_for(cfg.get("preprocess"), multiple)
-    from patchddm_fast.checkpoint import atomic_write_text
-    from patchddm_fast.io.layouts import PREDICTION_MARKER
-    from patchddm_fast.safe_paths import output_folder
-    from patchddm_fast.sampling import NonFiniteSampleError
-
     output_folder(out, "--out")
     records: List[Dict[str, Any]] = []
     summary = dict(model=str(args.model), method=method, target=cfg.get("target", "binary"),
