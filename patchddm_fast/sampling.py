@@ -110,7 +110,8 @@ def segment_volume(
 
         planned = planned_inference(model, memory_budget, method, max(cond.shape[-3:]))
     samples = []
-    bar = tqdm(total=(ensemble if members is None else len(set(members))) * steps, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
+    evaluations = (ensemble if members is None else len(set(members))) * steps
+    bar = tqdm(total=evaluations, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
     try:
         with planned as (_, precision):
             ctx, net_cond = autocast, cond
