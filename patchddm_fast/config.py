@@ -25,7 +25,7 @@ def _help(text: str, **kw):
 
 @dataclass
 class TrainConfig:
-    method: str = _help("patchddm (coordinate-encoded patches), halfres (stride-2 decimated volume) or fullres (whole volume)", default="patchddm")
+    method: str = _help("patchddm (coordinate-encoded patches), halfres (stride-2 decimated volume), fullres (whole volume) or patches (patches without coordinates, an ablation)", default="patchddm")
     model: Dict[str, Any] = _help("network architecture (UNet3D arguments; the paper's by default)", default_factory=lambda: dict(PAPER_ARCH))
     diffusion: Dict[str, Any] = _help("diffusion schedule (T, linear beta range), x0 clamping and what the network predicts: prediction eps (paper), v or x0", default_factory=lambda: dict(PAPER_DIFFUSION))
     data: str = _help("'phantom' for built-in synthetic BraTS-like cases, or a dataset folder (BraTS / nnU-Net / preprocessed)", default="phantom")
@@ -39,6 +39,7 @@ class TrainConfig:
     phantom_size: int = _help("edge length of phantom volumes", default=64)
     phantom_train: int = _help("number of phantom training cases", default=16)
     phantom_val: int = _help("number of phantom validation cases", default=2)
+    phantom_options: Dict[str, Any] = _help("keyword arguments of data.phantom.make_phantom for phantom cases, e.g. {\"core\": [0.45, 0.85], \"necrosis\": [0.35, 0.85]} (tumour core and necrosis radius ranges)", default_factory=dict)
     patch_size: int = _help("PatchDDM training patch edge (voxels); the paper uses 128 on 256^3", default=128)
     patch_distribution: str = _help("patch offset distribution per axis: trapezoid (paper) or uniform", default="trapezoid")
     steps: int = _help("optimiser steps to train", default=1000)

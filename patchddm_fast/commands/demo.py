@@ -58,29 +58,46 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps: int, sampling_seed: int,
+                       progress: bool = True, memory_budget=None, eta: float = 0.0, threshold: float = 0.5) -> dict:
+    """Train on ``config``'s phantoms (resuming from ``out/run``) and score its held-out cases with
+    an ensemble; returns the metrics (also written to ``out/metrics.json``) with timings.
+
+    The one training-and-scoring path of the demo and of ``benchmarks/ablation.py``."""
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.data.sources import load_cases
-    from patchddm_fast.showcase import evaluate_cases, format_table
+    from patchddm_fast.showcase import evaluate_cases
     from patchddm_fast.trainer import Trainer
 
-    out = Path(args.out)
-    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases,
-                  out_dir=str(out / "run"), progress=not args.quiet, device="cpu")
+    out = Path(out)
+    config = dict(config, out_dir=str(out / "run"), progress=progress)
     t0 = time.perf_counter()
-    size_multiple = 2 ** (len(DEMO_CONFIG["model"]["channel_mult"]) - 1)  # the network's downsamplings
+    size_multiple = 2 ** (len(config["model"]["channel_mult"]) - 1)  # the network's downsamplings
+    if config["method"] == "halfres":
+        size_multiple *= 2
     train_cases, val_cases = load_cases(TrainConfig.from_dict(config), size_multiple)
     # The held-out cases are scored once, below, with the ensemble (not also by fit's validation).
     trainer = Trainer(config, train_cases=train_cases, val_cases=[])
     trainer.fit()
     train_s = time.perf_counter() - t0
     metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
-                             ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
-                             progress=not args.quiet, memory_budget=args.memory_budget, eta=args.eta,
-                             threshold=args.threshold)
+                             ensemble=ensemble, steps=sampling_steps, seed=sampling_seed, progress=progress,
+                             memory_budget=memory_budget, eta=eta, threshold=threshold)
+    metrics["trained_steps"] = trainer.step
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.showcase import format_table
+
+    out = Path(args.out)
+    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases, device="cpu")
+    metrics = train_and_evaluate(config, out, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
+                                 sampling_seed=args.seed, progress=not args.quiet, memory_budget=args.memory_budget,
+                                 eta=args.eta, threshold=args.threshold)
     print(format_table(metrics))
-    print(f"trained {trainer.step} steps in {train_s:.0f} s; total {metrics['timing_s']['total']:.0f} s; "
-          f"results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")
+    print(f"trained {metrics['trained_steps']} steps in {metrics['timing_s']['train']:.0f} s; total "
+          f"{metrics['timing_s']['total']:.0f} s; results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")
     return 0
