@@ -29,6 +29,7 @@ DEMO_CONFIG = dict(
     phantom_train=24,
     phantom_val=4,
     patch_size=32,
+    patch_distribution="trapezoid",
     steps=2500,
     lr=1e-3,
     lr_schedule="cosine",
@@ -53,6 +54,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEMO_CONFIG["steps"], help="training steps")
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights and sampling")
     p.add_argument("--cases", type=int, default=DEMO_CONFIG["phantom_val"], help="held-out cases to sample")
+    p.add_argument("--patch-distribution", default=DEMO_CONFIG["patch_distribution"], choices=("trapezoid", "uniform"),
+                   help="training patch offsets per axis (trapezoid: the paper's, favours central patches)")
     add_sampling_flags(p)
     p.set_defaults(ensemble=5, sampling_steps=10)
     return p
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from patchddm_fast.showcase import format_table
 
     out = Path(args.out)
-    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases, device="cpu")
+    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases, device="cpu",
+                  patch_distribution=getattr(args, "patch_distribution", DEMO_CONFIG["patch_distribution"]))
     metrics = train_and_evaluate(config, out, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
                                  sampling_seed=args.seed, progress=not args.quiet, memory_budget=args.memory_budget,
                                  eta=args.eta, threshold=args.threshold)
