@@ -4,7 +4,8 @@ The whole tumour (BraTS labels 1, 2, 4) includes the necrotic core.  A model tha
 leaves the core out predicts a ring: its mask encloses empty voxels, which
 ``scipy.ndimage.binary_fill_holes`` finds.  This test trains the demo's network with the
 demo's recipe (v-prediction, cosine lr, its phantom distribution) at a reduced but real
-scale -- 32^3 phantoms, 16^3 patches, 600 steps, about a minute on two cores -- and
+scale -- 32^3 phantoms, 16^3 patches, 600 steps, one thread: 173 s on the project's 2-core
+machine while it was shared (load 4) -- and
 segments held-out phantoms whose necrotic core is large (``LARGE_NECROSIS``: a fifth to
 a third of the tumour, thin enhancing rim).  Seeds fix data, weights and sampling.
 """
