@@ -3,7 +3,8 @@
 PAPER.md: MR channels are scaled to [0, 1] and mapped x -> 2x - 1; PatchDDM appends three
 coordinate channels (ramps over the whole padded volume, cropped with the patch); the
 noisy mask is always the last channel.  HalfRes decimates image and label by 2; FullRes
-uses the whole volume.  Training (patches) and sampling (whole volumes) both build their
+uses the whole volume; "patches" trains on patches like PatchDDM but without the
+coordinate channels (the ablation that shows what the position encoding buys).  Training (patches) and sampling (whole volumes) both build their
 inputs here, so they cannot drift apart.
 """
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 from patchddm_fast.data.patches import decimate
 from patchddm_fast.regions import check_target, region_masks
 
-METHODS = ("patchddm", "halfres", "fullres")
+METHODS = ("patchddm", "halfres", "fullres", "patches")
+# Methods trained on random patches of the volume: PatchDDM, and "patches" -- the same
+# without coordinate channels, the paper's ablation of the position encoding.
+PATCH_METHODS = ("patchddm", "patches")
 IMAGE_CHANNELS = 4
 
 

@@ -31,7 +31,7 @@ def _help(text: str, **kw):
 
 @dataclass
 class TrainConfig:
-    method: str = _help("patchddm (coordinate-encoded patches), halfres (stride-2 decimated volume) or fullres (whole volume)", default="patchddm")
+    method: str = _help("patchddm (coordinate-encoded patches), halfres (stride-2 decimated volume), fullres (whole volume) or patches (patches without coordinates, an ablation)", default="patchddm")
     target: str = _help("what is diffused: binary (whole tumour, the paper's) or regions (WT/TC/ET as three overlapping channels, nnU-Net's BraTS regions)", default="binary")
     label_convention: Optional[str] = _help("label convention of the training data (binary, brats2020 or brats2023); detected from the data by the trainer and stored in checkpoints, so predict writes labels in the input's convention", default=None)
     model: Dict[str, Any] = _help("network architecture (UNet3D arguments; the paper's by default)", default_factory=lambda: dict(PAPER_ARCH))
@@ -47,7 +47,7 @@ class TrainConfig:
     phantom_size: int = _help("edge length of phantom volumes", default=64)
     phantom_train: int = _help("number of phantom training cases", default=16)
     phantom_val: int = _help("number of phantom validation cases", default=2)
-    phantom_multifocal: float = _help("fraction of phantom cases with 2-3 separate lesions (exercises lesion-wise metrics)", default=0.0)
+    phantom_options: Dict[str, Any] = _help("keyword arguments of data.phantom.make_phantom_dataset for phantom cases, e.g. {\"core\": [0.45, 0.85], \"necrosis\": [0.35, 0.85]} (tumour core and necrosis radius ranges) or {\"multifocal\": 0.5} (fraction of cases with 2-3 separate lesions)", default_factory=dict)
     patch_size: int = _help("PatchDDM training patch edge (voxels); the paper uses 128 on 256^3", default=128)
     patch_distribution: str = _help("patch offset distribution per axis: trapezoid (paper) or uniform", default="trapezoid")
     steps: int = _help("optimiser steps to train", default=1000)
@@ -199,9 +199,6 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
         v.check_choice(d["target"], "target", TARGETS, src("target"))
     if d.get("label_convention") is not None:
         v.check_choice(d["label_convention"], "label_convention", CONVENTIONS, src("label_convention"))
-    if "phantom_multifocal" in d:
-        out["phantom_multifocal"] = v.check_float(d["phantom_multifocal"], "phantom_multifocal",
-                                                  src("phantom_multifocal"), 0.0, 1.0)
     for key in ("data", "out_dir"):
         if key in d:
             v.check_str(d[key], key, src(key))

@@ -5,7 +5,8 @@ so it works on headless servers and does not disturb an interactive session.
 
 Case figure: rows = axial / coronal / sagittal slices through the tumour's centre of mass
 (ground truth if given and non-empty, else the predicted mask, else the probability
-mass, else the volume centre); columns = FLAIR, FLAIR + ground truth, FLAIR + prediction
+mass, else the volume centre); columns = FLAIR, FLAIR + ground truth (without ground
+truth: another modality such as T1ce, or no such column), FLAIR + prediction
 (probability colour map, threshold contour), ensemble variance.  Voxel spacing sets the
 aspect ratio, so anisotropic scans are not distorted.  Slices are shown with the first
 voxel axis horizontal and the later one vertical, origin at the bottom (radiological
@@ -60,55 +61,73 @@ def _aspect(spacing: Sequence[float], axis: int) -> float:
     return float(spacing[b]) / float(spacing[a])
 
 
+def figure_columns(has_gt: bool, second_name: Optional[str] = None, threshold: float = 0.5) -> List[str]:
+    """Column titles of :func:`case_figure`.  Without ground truth the second column shows
+    another modality (``second_name``, e.g. T1ce, where the enhancing rim is brightest)
+    instead of an empty panel, or is dropped when there is none."""
+    second = ["ground truth"] if has_gt else ([f"{second_name} (no ground truth)"] if second_name else [])
+    return ["FLAIR", *second, f"prediction (mean, contour {threshold:g})", "variance"]
+
+
+def _window(img: np.ndarray) -> Tuple[float, float]:
+    lo, hi = (np.percentile(img[img != 0], [0.5, 99.5]) if (img != 0).any() else (0.0, 1.0))
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
 def case_figure(flair, gt, prob, var, path, title: str = "", *, spacing: Optional[Sequence[float]] = None,
-                threshold: float = 0.5) -> Path:
-    """Write the per-case PNG (see module docstring).  ``gt`` may be None (prediction only).
+                threshold: float = 0.5, second=None, second_name: str = "T1ce") -> Path:
+    """Write the per-case PNG (see module docstring).  ``gt`` may be None (prediction only):
+    then the second column shows ``second`` (another modality, titled ``second_name``) or,
+    when that is None too, the figure has three columns.
 
     All volumes are 3D arrays (numpy or torch) on the same grid; ``prob`` is the ensemble
     mean in [0, 1], ``var`` the ensemble variance.
     """
-    flair, gt, prob, var = _np(flair), _np(gt), _np(prob), _np(var)
+    flair, gt, prob, var, second = _np(flair), _np(gt), _np(prob), _np(var), _np(second)
+    if gt is not None:
+        second = None
     shape = prob.shape
-    for name, arr in (("flair", flair), ("gt", gt), ("var", var)):
+    for name, arr in (("flair", flair), ("gt", gt), ("var", var), ("second", second)):
         if arr is not None and arr.shape != shape:
             raise ValueError(f"case_figure: {name} has shape {arr.shape}, prob has {shape}")
     gt_mask = gt > 0 if gt is not None else None
     spacing = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
     centre = tumour_centre(gt_mask, prob, threshold)
-    lo, hi = (np.percentile(flair[flair != 0], [0.5, 99.5]) if (flair != 0).any() else (0.0, 1.0))
-    hi = hi if hi > lo else lo + 1
+    lo, hi = _window(flair)
     vmax_var = max(float(var.max()), 1e-6)
-    columns = ["FLAIR", "ground truth", f"prediction (mean, contour {threshold:g})", "variance"]
-    fig = _figure(13, 9.6)
-    axes = fig.subplots(3, 4)
+    columns = figure_columns(gt is not None, second_name if second is not None else None, threshold)
+    kinds = ["flair", *(["gt"] if gt is not None else ["second"] if second is not None else []), "prob", "var"]
+    n = len(columns)
+    fig = _figure(13 * n / 4, 9.6)
+    axes = fig.subplots(3, n)
     for row, (view, axis) in enumerate(VIEWS):
         k = centre[axis]
         img = _slice(flair, axis, k)
         asp = _aspect(spacing, axis)
-        for col in range(4):
+        for col, kind in enumerate(kinds):
             ax = axes[row, col]
             ax.set_xticks([])
             ax.set_yticks([])
-            if col < 3:
+            if kind == "second":
+                slo, shi = _window(second)
+                ax.imshow(_slice(second, axis, k), cmap="gray", vmin=slo, vmax=shi, origin="lower", aspect=asp,
+                          interpolation="nearest")
+            elif kind != "var":
                 ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=asp, interpolation="nearest")
-            if col == 1:
-                if gt_mask is not None:
-                    g = _slice(gt_mask, axis, k)
-                    ax.imshow(np.ma.masked_where(~g, g.astype(float)), cmap="autumn", alpha=0.45, origin="lower",
-                              aspect=asp, interpolation="nearest", vmin=0, vmax=1)
-                    if g.any() and not g.all():
-                        ax.contour(g.astype(float), levels=[0.5], colors="red", linewidths=0.8, origin="lower")
-                else:
-                    ax.text(0.5, 0.5, "no ground truth", transform=ax.transAxes, ha="center", va="center",
-                            color="white", fontsize=10)
-            elif col == 2:
+            if kind == "gt":
+                g = _slice(gt_mask, axis, k)
+                ax.imshow(np.ma.masked_where(~g, g.astype(float)), cmap="autumn", alpha=0.45, origin="lower",
+                          aspect=asp, interpolation="nearest", vmin=0, vmax=1)
+                if g.any() and not g.all():
+                    ax.contour(g.astype(float), levels=[0.5], colors="red", linewidths=0.8, origin="lower")
+            elif kind == "prob":
                 p = _slice(prob, axis, k)
                 im = ax.imshow(np.ma.masked_where(p < 0.05, p), cmap="hot", vmin=0, vmax=1, alpha=0.7,
                                origin="lower", aspect=asp, interpolation="nearest")
                 if (p > threshold).any() and not (p > threshold).all():
                     ax.contour(p, levels=[threshold], colors="cyan", linewidths=0.8, origin="lower")
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="mean" if row == 0 else None)
-            elif col == 3:
+            elif kind == "var":
                 im = ax.imshow(_slice(var, axis, k), cmap="magma", vmin=0, vmax=vmax_var, origin="lower",
                                aspect=asp, interpolation="nearest")
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="variance" if row == 0 else None)

@@ -113,6 +113,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # initial weights
         self.model = build_model(config.to_dict()).to(self.device)
         self.net: torch.nn.Module = self.model  # DistributedDataParallel(model) once fit() starts on several ranks
+        self._resolve_preprocess()
         if config.offload != "none":
             from patchddm_fast.memory import configure
 
@@ -148,6 +149,15 @@ class Trainer:
                     if k in {"checkpoint", "offload", "precision", "patch_size", "ops"} and v is not None}
         self.config = TrainConfig.from_dict({**self.config.to_dict(), **settings})
         self.memory_plan = p
+
+    def _resolve_preprocess(self) -> None:
+        """Store the effective preprocessing (defaults filled in, the network's size multiple)
+        in the config, so every checkpoint says exactly what ``predict`` must repeat; an
+        empty dict would leave predict guessing (and warning) for a default-trained model."""
+        from patchddm_fast.io.training import preprocess_config_for
+
+        multiple = self.model.size_multiple * (2 if self.config.method == "halfres" else 1)
+        self.config.preprocess = preprocess_config_for(self.config.preprocess, multiple).to_dict()
 
     def _load_cases(self):
         from patchddm_fast.data.sources import label_convention, load_cases

@@ -43,3 +43,29 @@ def test_summary_figure_accepts_evaluate_and_sample_metrics(tmp_path):
     sample_style = {"cases": [{"case": "a", "dice": 0.9, "hd95": None}, {"case": "b", "dice": 0.5, "hd95": 2.0}]}
     assert summary_figure(evaluate_style, tmp_path / "e.png").stat().st_size > 5_000
     assert summary_figure(sample_style, tmp_path / "s.png").stat().st_size > 5_000
+
+
+def test_prediction_figure_without_ground_truth_shows_t1ce_or_drops_the_column(tmp_path):
+    """Issue 13.2: no ground truth -> the second column shows another modality (not FLAIR under
+    a 'no ground truth' label), or the figure has three columns when there is none."""
+    from matplotlib.image import imread
+
+    from patchddm_fast.report import figure_columns
+
+    assert figure_columns(True, "T1ce")[1] == "ground truth"
+    assert figure_columns(False, "T1ce")[1] == "T1ce (no ground truth)"
+    assert figure_columns(False, None) == ["FLAIR", "prediction (mean, contour 0.5)", "variance"]
+    rng = np.random.default_rng(1)
+    flair = rng.random(SHAPE).astype(np.float32)
+    prob = _blob((8, 10, 6)).astype(np.float32)
+    var = (prob * 0.1).astype(np.float32)
+    three = imread(case_figure(flair, None, prob, var, tmp_path / "three.png"))
+    ramp = np.broadcast_to(np.linspace(0.1, 1, SHAPE[0], dtype=np.float32)[:, None, None], SHAPE)
+    a = imread(case_figure(flair, None, prob, var, tmp_path / "a.png", second=ramp))
+    b = imread(case_figure(flair, None, prob, var, tmp_path / "b.png", second=ramp[::-1]))
+    assert three.shape[1] * 4 == a.shape[1] * 3  # a column fewer, same column width
+    col = a.shape[1] // 4
+    assert np.array_equal(a[:, :col], b[:, :col])  # FLAIR column unchanged
+    assert not np.array_equal(a[:, col:2 * col], b[:, col:2 * col])  # the second column is the given modality
+    with pytest.raises(ValueError, match="second has shape"):
+        case_figure(flair, None, prob, var, tmp_path / "bad.png", second=ramp[:-1])

@@ -151,3 +151,19 @@ def test_build_model_input_order_and_broadcast():
         build_model_input(image, mask[:, 0])
     with pytest.raises(ValueError, match="coords"):
         build_model_input(image, mask, coordinate_channels((4, 4, 5)))
+
+
+def test_patches_method_is_patchddm_without_coordinates():
+    """The ablation method "patches" trains on the same random patches as PatchDDM, but its
+    network input has no coordinate channels (image + noisy mask only)."""
+    from patchddm_fast.conditioning import in_channels
+    from patchddm_fast.data.cases import BatchSampler, pad_case
+
+    rng = np.random.default_rng(0)
+    case = pad_case("c", rng.random((4, 16, 16, 16), dtype=np.float32), rng.random((16, 16, 16)) > 0.5, 8)
+    assert in_channels("patches") == 5 and in_channels("patchddm") == 8
+    with_coords = BatchSampler([case], "patchddm", patch_size=8).batch(np.random.default_rng(1), 2)
+    without = BatchSampler([case], "patches", patch_size=8).batch(np.random.default_rng(1), 2)
+    assert with_coords[0].shape == (2, 7, 8, 8, 8) and without[0].shape == (2, 4, 8, 8, 8)
+    torch.testing.assert_close(without[0], with_coords[0][:, :4])  # same patches, same offsets
+    torch.testing.assert_close(without[1], with_coords[1])

@@ -158,3 +158,42 @@ def test_an_intensity_only_model_marks_the_decoy_and_loses_without_t1_or_flair()
     assert decoy_flagged > 0.4 * edema_found > 0.1, (decoy_flagged, edema_found)
     assert dice(fit_predict([1, 2, 3])) < dice(all4) - 0.02      # without t1
     assert dice(fit_predict([3])) < dice(all4) - 0.2              # flair alone
+
+
+def test_large_necrosis_option_keeps_the_anatomy_and_grows_the_core():
+    """Issue 13.1: LARGE_NECROSIS changes only the core/necrosis draws: same head, decoys and
+    tumour outline per seed; the necrotic core becomes a fifth or more of the tumour (it is
+    a few percent by default), inside a rim, and keeps its own contrast."""
+    from patchddm_fast.data.phantom import LARGE_NECROSIS
+
+    fractions = []
+    for seed in range(4):
+        base, large = make_phantom(48, seed), make_phantom(48, seed, **LARGE_NECROSIS)
+        for key in ("label", "brain_mask", "head_mask", "decoy_mask"):
+            np.testing.assert_array_equal(getattr(base, key), getattr(large, key))
+        nec = large.labels == 1
+        fractions.append((nec.sum() / large.label.sum(), (base.labels == 1).sum() / base.label.sum()))
+        # the core is enclosed by tumour: dilating it stays inside WT (away from the outline's noise)
+        assert (ndimage.binary_dilation(nec) & ~large.label).sum() < 0.05 * nec.sum()
+    big, default = np.array(fractions).T
+    assert big.mean() > 0.2 and default.mean() < 0.1 and np.all(big > default)
+    with pytest.raises(ValueError, match="necrosis"):
+        make_phantom(16, 0, necrosis=(0.8, 0.4))
+    with pytest.raises(ValueError, match="core"):
+        make_phantom(16, 0, core=0.5)
+    ds = make_phantom_dataset(2, 16, 3, **LARGE_NECROSIS)
+    np.testing.assert_array_equal(ds[1].labels, make_phantom(16, ds[1].seed, **LARGE_NECROSIS).labels)
+
+
+def test_config_phantom_options_reach_the_training_and_validation_phantoms():
+    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.data.phantom import LARGE_NECROSIS
+    from patchddm_fast.data.sources import VALIDATION_SEED_OFFSET, load_cases
+
+    cfg = TrainConfig(phantom_size=16, phantom_train=2, phantom_val=1, seed=5,
+                      phantom_options={k: list(v) for k, v in LARGE_NECROSIS.items()})  # as read from JSON
+    train, val = load_cases(TrainConfig.from_dict(cfg.to_dict()), 8)
+    np.testing.assert_array_equal(train[1].image.numpy(), make_phantom_dataset(2, 16, 5, **LARGE_NECROSIS)[1].image)
+    np.testing.assert_array_equal(val[0].image.numpy(),
+                                  make_phantom_dataset(1, 16, 5 + VALIDATION_SEED_OFFSET, **LARGE_NECROSIS)[0].image)
+    assert not np.array_equal(train[1].image.numpy(), make_phantom_dataset(2, 16, 5)[1].image)

@@ -229,3 +229,24 @@ def test_train_predict_evaluate_round_trip(data, tmp_path, monkeypatch):
         assert metrics[case.case_id]["dice"] == pytest.approx(dice(mask, gt), abs=1e-12)
         h = hd95(mask, gt, spacing=lc.zooms, pooled=False)
         assert metrics[case.case_id]["hd95"] == (pytest.approx(h, abs=1e-9) if np.isfinite(h) else None)
+
+
+def test_preprocessing_warning_only_when_the_checkpoint_lacks_it(data, tmp_path, capsys):
+    """Issue 13.3: the 'stores no preprocessing parameters' warning is for old checkpoints only;
+    one that stores its (default) preprocessing, as every trained one now does, predicts silently."""
+    from patchddm_fast.checkpoint import build_model, save_checkpoint
+    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.io.preprocess import PreprocessConfig
+    from conftest import tiny_unet_kwargs
+
+    arch = {k: v for k, v in tiny_unet_kwargs().items() if k != "in_channels"}
+    config = TrainConfig(method="patchddm", model=arch).to_dict()
+    torch.manual_seed(0)
+    state = {"model": build_model(config).state_dict()}
+    case_dir = data / "brats" / "BraTS20_Training_001"
+    for name, pre, warns in (("old", {}, True), ("new", PreprocessConfig(multiple=4).to_dict(), False)):
+        save_checkpoint(tmp_path / f"{name}.pt", state, dict(config, preprocess=pre))
+        capsys.readouterr()
+        assert run_cli("--model", tmp_path / f"{name}.pt", "--input", case_dir, "--out", tmp_path / name,
+                       "--ensemble", 1, "--steps", 1) == 0
+        assert ("stores no preprocessing parameters" in capsys.readouterr().err) == warns, name

@@ -140,3 +140,18 @@ def test_learning_rate_schedules_in_closed_form():
     assert cos[2:] == pytest.approx(expected, abs=1e-12) and cos[-1] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         learning_rate(1.0, 0, 10, "linear")
+
+
+def test_every_checkpoint_stores_the_effective_preprocessing(tmp_path):
+    """Issue 13.3: a run trained with default preprocessing stores the defaults (with the
+    network's size multiple) in its checkpoint, and explicit settings keep their values."""
+    from patchddm_fast.io.preprocess import PreprocessConfig
+
+    cases = random_cases(2)
+    Trainer(tiny_config(tmp_path / "a", steps=1), train_cases=cases, val_cases=[]).fit()
+    _, config = load_checkpoint(tmp_path / "a" / "run" / "last.pt")
+    assert config["preprocess"] == PreprocessConfig(multiple=4).to_dict()  # the 3-level tiny net's multiple
+    Trainer(tiny_config(tmp_path / "b", steps=1, preprocess={"upper_percentile": 99.0}), train_cases=cases,
+            val_cases=[]).fit()
+    _, config = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert config["preprocess"] == PreprocessConfig(multiple=4, upper_percentile=99.0).to_dict()

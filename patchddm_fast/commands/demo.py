@@ -9,6 +9,9 @@ Two departures from the paper's recipe make a CPU budget of minutes enough, both
 cosine decay.  With the paper's eps-prediction the same 2,500 steps reach an ensemble Dice
 near 0: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies a briefly trained network's
 error up to 156x at high noise levels, so every DDIM trajectory starts from noise.
+
+``--target regions`` trains the WT/TC/ET region model instead and scores every region,
+lesion-wise too; its phantoms include multifocal cases (2-3 separate lesions).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ DEMO_CONFIG = dict(
     phantom_train=24,
     phantom_val=4,
     patch_size=32,
+    patch_distribution="trapezoid",
     steps=2500,
     lr=1e-3,
     lr_schedule="cosine",
@@ -41,7 +45,6 @@ DEMO_CONFIG = dict(
     val_steps=10,
     seed=0,
 )
-
 
 REGION_DEMO_MULTIFOCAL = 0.5  # fraction of the region demo's phantoms with 2-3 separate lesions
 
@@ -61,39 +64,61 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", default="binary", choices=TARGETS,
                    help="binary: whole tumour (the paper's); regions: WT/TC/ET as three channels, scored per region "
                         "and lesion-wise (BraTS 2023)")
+    p.add_argument("--patch-distribution", default=DEMO_CONFIG["patch_distribution"], choices=("trapezoid", "uniform"),
+                   help="training patch offsets per axis (trapezoid: the paper's, favours central patches)")
     add_sampling_flags(p)
     p.set_defaults(ensemble=5, sampling_steps=10)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps: int, sampling_seed: int,
+                       progress: bool = True, memory_budget=None, eta: float = 0.0, threshold: float = 0.5,
+                       sampler: str = "ddim", member_batch=None) -> dict:
+    """Train on ``config``'s phantoms (resuming from ``out/run``) and score its held-out cases with
+    an ensemble; returns the metrics (also written to ``out/metrics.json``) with timings.
+
+    The one training-and-scoring path of the demo and of ``benchmarks/ablation.py``."""
     from patchddm_fast.checkpoint import atomic_write_text
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.data.sources import load_cases
-    from patchddm_fast.showcase import evaluate_cases, format_table
+    from patchddm_fast.showcase import evaluate_cases
     from patchddm_fast.trainer import Trainer
 
-    out = Path(args.out)
-    # The region demo adds multifocal cases (2-3 separate lesions), so lesion-wise scores mean something.
-    multifocal = REGION_DEMO_MULTIFOCAL if args.target == "regions" else 0.0
-    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases, target=args.target,
-                  phantom_multifocal=multifocal,
-                  out_dir=str(out / "run"), progress=not args.quiet, device="cpu")
+    out = Path(out)
+    config = dict(config, out_dir=str(out / "run"), progress=progress)
     t0 = time.perf_counter()
-    size_multiple = 2 ** (len(DEMO_CONFIG["model"]["channel_mult"]) - 1)  # the network's downsamplings
+    size_multiple = 2 ** (len(config["model"]["channel_mult"]) - 1)  # the network's downsamplings
+    if config["method"] == "halfres":
+        size_multiple *= 2
     train_cases, val_cases = load_cases(TrainConfig.from_dict(config), size_multiple)
     # The held-out cases are scored once, below, with the ensemble (not also by fit's validation).
     trainer = Trainer(config, train_cases=train_cases, val_cases=[])
     trainer.fit()
     train_s = time.perf_counter() - t0
     metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
-                             ensemble=args.ensemble, steps=args.sampling_steps, seed=args.seed,
-                             progress=not args.quiet, memory_budget=args.memory_budget, eta=args.eta,
-                             threshold=args.threshold, sampler=args.sampler, member_batch=args.member_batch,
-                             convention=trainer.config.label_convention)
+                             ensemble=ensemble, steps=sampling_steps, seed=sampling_seed, progress=progress,
+                             memory_budget=memory_budget, eta=eta, threshold=threshold, sampler=sampler,
+                             member_batch=member_batch, convention=trainer.config.label_convention)
+    metrics["trained_steps"] = trainer.step
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.showcase import format_table
+
+    out = Path(args.out)
+    config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases, device="cpu",
+                  target=args.target,
+                  patch_distribution=getattr(args, "patch_distribution", DEMO_CONFIG["patch_distribution"]))
+    if args.target == "regions":  # multifocal cases (2-3 separate lesions), so lesion-wise scores mean something
+        config["phantom_options"] = dict(multifocal=REGION_DEMO_MULTIFOCAL)
+    metrics = train_and_evaluate(config, out, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
+                                 sampling_seed=args.seed, progress=not args.quiet, memory_budget=args.memory_budget,
+                                 eta=args.eta, threshold=args.threshold, sampler=args.sampler,
+                                 member_batch=args.member_batch)
     print(format_table(metrics))
-    print(f"trained {trainer.step} steps in {train_s:.0f} s; total {metrics['timing_s']['total']:.0f} s; "
-          f"results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")
+    print(f"trained {metrics['trained_steps']} steps in {metrics['timing_s']['train']:.0f} s; total "
+          f"{metrics['timing_s']['total']:.0f} s; results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")
     return 0

@@ -71,7 +71,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="file inputs are already in [0, 1]: skip clipping/min-max (automatic for the "
                         "patchddm-preprocessed layout)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out (never inputs)")
-    p.add_argument("--figures", action="store_true", help="also write <case>_prediction.png (FLAIR, mean, variance)")
+    p.add_argument("--figures", action="store_true", help="also write <case>_prediction.png (FLAIR, T1ce, mean, variance)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
     add_sampler_flags(p)
     add_memory_budget_flag(p)
@@ -194,8 +194,10 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
         from patchddm_fast.report import case_figure
 
         flair = loaded.image[min(3, loaded.image.shape[0] - 1)]
+        t1ce = loaded.image[1] if loaded.image.shape[0] >= 4 else None  # channels t1, t1ce, t2, flair
         case_figure(flair, None, mean, var, out_dir / f"{case.case_id}_prediction.png",
-                    title=f"{case.case_id} (ensemble {ensemble}, {sampler} {steps} steps)", spacing=loaded.zooms)
+                    title=f"{case.case_id} (ensemble {ensemble}, {sampler} {steps} steps)", spacing=loaded.zooms,
+                    second=t1ce, second_name="T1ce")
     return dict(case=case.case_id, inputs=[str(f) for f in case.images], outputs=outputs, box=box.to_dict(),
                 shape=list(mask.shape), zooms=list(loaded.zooms), predicted_voxels=int((mask > 0).sum()),
                 seconds=round(time.perf_counter() - start, 3))

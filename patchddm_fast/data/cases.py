@@ -19,7 +19,7 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import torch
 
-from patchddm_fast.conditioning import check_method, condition, target_mask
+from patchddm_fast.conditioning import PATCH_METHODS, check_method, condition, target_mask
 from patchddm_fast.data.patches import PatchOffsetSampler, pad_to_multiple
 
 
@@ -95,7 +95,7 @@ class BatchSampler:
         self.cases = list(cases)
         shapes = {tuple(c.shape) for c in self.cases}
         self.patch: Optional[Tuple[int, int, int]] = None
-        if method == "patchddm":
+        if method in PATCH_METHODS:
             self.patch = (patch_size,) * 3
             self.offsets = {s: PatchOffsetSampler(s, self.patch, distribution=distribution) for s in shapes}
         elif len(shapes) > 1:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CHANNELS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
+__all__ = ["CHANNELS", "LARGE_NECROSIS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
 
 CHANNELS = ("t1", "t1ce", "t2", "flair")
 
@@ -47,6 +47,18 @@ _TISSUE = {
     "enhancing": (0.45, 1.00, 0.75, 0.70),
     "necrosis": (0.20, 0.22, 0.92, 0.45),
 }
+
+# Tumour compartments are nested level sets of one noisy radius rho_t (1 at the edema's
+# outer edge): the core (enhancing rim + necrosis) is rho_t <= core, the necrosis
+# rho_t <= core * necrosis, with core and necrosis drawn uniformly from these ranges.
+# The defaults give necrosis of 0-10 % of the whole tumour.
+DEFAULT_CORE = (0.45, 0.7)
+DEFAULT_NECROSIS = (0.35, 0.7)
+# A large necrotic core (about a fifth to a third of the whole tumour, a thin enhancing
+# rim), as in many glioblastomas: the interior of such a core is far from any edema or
+# rim, looks like CSF on t1/t2, and is where a segmenter that has rarely seen one leaves
+# a hole in the whole tumour.
+LARGE_NECROSIS = dict(core=(0.75, 0.85), necrosis=(0.75, 0.85))
 
 # Ellipsoidal radius (in head units, the head surface is 1) of each layer boundary.
 _SCALP_INNER, _BONE_INNER, _BRAIN_OUTER = 0.93, 0.86, 0.82
@@ -154,9 +166,25 @@ def _blur121(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | None = None,
-                 lesions: int = 1) -> PhantomCase:
+def _check_range(value, name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of fractions, got {value!r}") from None
+    if not 0.0 < lo <= hi < 1.0:
+        raise ValueError(f"{name} must satisfy 0 < low <= high < 1, got {value!r}")
+    return lo, hi
+
+
+def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | None = None, *,
+                 core: tuple[float, float] = DEFAULT_CORE,
+                 necrosis: tuple[float, float] = DEFAULT_NECROSIS, lesions: int = 1) -> PhantomCase:
     """Build one BraTS-like case of ``size`` (an int for a cube, or (D, H, W)) from ``seed``.
+
+    ``core`` and ``necrosis`` are the ranges of the tumour core's radius (a fraction of the
+    whole tumour's) and of the necrosis' radius (a fraction of the core's); pass
+    ``**LARGE_NECROSIS`` for cases with a large necrotic core.  The ranges change only
+    those two draws: the same seed gives the same head, decoys and tumour outline.
 
     ``lesions`` > 1 adds smaller, separate (multifocal) tumours, each with its own edema,
     enhancing rim and necrotic core, placed so that no two touch even after the BraTS 2023
@@ -164,6 +192,8 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     Their parameters come from a separate random stream, so ``lesions=1`` is unchanged.
     """
     shape = _check_size(size)
+    core_lo, core_hi = _check_range(core, "core")
+    nec_lo, nec_hi = _check_range(necrosis, "necrosis")
     if int(lesions) != lesions or not 1 <= lesions <= 3:
         raise ValueError(f"lesions must be 1, 2 or 3, got {lesions!r}")
     rng = np.random.default_rng(seed)
@@ -187,8 +217,8 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     if tumour_c is None:
         tumour_c = np.array([0.0, 0.35, -0.2])
     wt_r = rng.uniform(0.17, 0.36) * rng.uniform(0.75, 1.3, 3)
-    core_frac = rng.uniform(0.45, 0.7)
-    nec_frac = rng.uniform(0.35, 0.7)
+    core_frac = rng.uniform(core_lo, core_hi)
+    nec_frac = rng.uniform(nec_lo, nec_hi)
     noise_sigma = rng.uniform(0.015, 0.04)
     grids = {
         "head": rng.standard_normal((5, 5, 5)),
@@ -319,14 +349,15 @@ def lesion_count(dataset_seed: int, index: int, multifocal: float) -> int:
     return 1 + int(draw[0] < multifocal) * (1 + int(draw[1] < 0.5))
 
 
-def make_phantom_dataset(n: int, size: int | tuple[int, int, int], seed: int,
-                         multifocal: float = 0.0) -> list[PhantomCase]:
+def make_phantom_dataset(n: int, size: int | tuple[int, int, int], seed: int, multifocal: float = 0.0,
+                         **options) -> list[PhantomCase]:
     """``n`` independent cases with ids ``phantom_000``, ``phantom_001``, ... (deterministic in ``seed``).
 
-    A fraction ``multifocal`` of the cases (in expectation) carries 2-3 separate lesions."""
+    A fraction ``multifocal`` of the cases (in expectation) carries 2-3 separate lesions;
+    ``options`` (``core``, ``necrosis``) go to :func:`make_phantom`."""
     if int(n) != n or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if not 0.0 <= multifocal <= 1.0:
         raise ValueError(f"multifocal must be a fraction in [0, 1], got {multifocal!r}")
-    return [make_phantom(size, case_seed(seed, i), case_id=f"phantom_{i:03d}", lesions=lesion_count(seed, i, multifocal))
-            for i in range(int(n))]
+    return [make_phantom(size, case_seed(seed, i), case_id=f"phantom_{i:03d}",
+                         lesions=lesion_count(seed, i, multifocal), **options) for i in range(int(n))]

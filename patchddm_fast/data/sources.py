@@ -11,11 +11,10 @@ from patchddm_fast.regions import detect_convention
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
-def phantom_cases(n: int, size: int, seed: int, multiple: int, multifocal: float = 0.0) -> List[VolumeCase]:
+def phantom_cases(n: int, size: int, seed: int, multiple: int, **options) -> List[VolumeCase]:
     from patchddm_fast.data.phantom import make_phantom_dataset
 
-    return [pad_case(c.case_id, c.image, c.labels, multiple)
-            for c in make_phantom_dataset(n, size, seed, multifocal=multifocal)]
+    return [pad_case(c.case_id, c.image, c.labels, multiple) for c in make_phantom_dataset(n, size, seed, **options)]
 
 
 def label_convention(config) -> str:
@@ -35,10 +34,10 @@ def label_convention(config) -> str:
 def load_cases(config, multiple: int) -> Tuple[List[VolumeCase], List[VolumeCase]]:
     """(train, validation) cases for a TrainConfig, padded to ``multiple``."""
     if config.data == "phantom":
-        multifocal = getattr(config, "phantom_multifocal", 0.0)
-        train = phantom_cases(config.phantom_train, config.phantom_size, config.seed, multiple, multifocal)
+        options = dict(getattr(config, "phantom_options", None) or {})
+        train = phantom_cases(config.phantom_train, config.phantom_size, config.seed, multiple, **options)
         val = phantom_cases(config.phantom_val, config.phantom_size, config.seed + VALIDATION_SEED_OFFSET, multiple,
-                            multifocal)
+                            **options)
         return train, val
     from patchddm_fast.io.training import dataset_cases
 
