@@ -39,6 +39,17 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _save(fig, path, title: str = "") -> Path:
+    """Title, tight layout and a PNG at ``path`` (its folder created): every figure ends here."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def tumour_centre(gt: Optional[np.ndarray], prob: np.ndarray, threshold: float = 0.5) -> Tuple[int, int, int]:
     """Voxel index of the centre of mass used to place the slices (see module docstring)."""
     for weights in (gt if gt is not None and gt.any() else None,
@@ -188,13 +199,7 @@ def summary_figure(result: Dict[str, Any], path, title: str = "") -> Path:
                           for n in names], fontsize=8)
     ax_d.set_title("Dice per case")
     ax_h.set_title("HD95 per case (finite)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, title)
 
 
 def uncertainty_figure(cases: Sequence[Dict[str, Any]], path, title: str = "") -> Path:
@@ -232,10 +237,4 @@ def uncertainty_figure(cases: Sequence[Dict[str, Any]], path, title: str = "") -
     ax_a.set_ylim(0, 1.05)
     ax_a.set_ylabel("AUROC")
     ax_a.set_title("Variance as an error detector (AUROC)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, title)
