@@ -194,7 +194,7 @@ def markdown(result: Dict[str, Any]) -> str:
                 continue
             best = max(cands, key=lambda r: r["dice"][str(k)])
             diff = best["dice"][str(k)] - ref["dice"][str(k)]
-            verdict = "within 0.01" if diff >= -0.01 else "NOT within 0.01"
+            verdict = "within 0.01 or better" if diff >= -0.01 else "NOT within 0.01"
             lines.append(f"- k={k}: {best['sampler']} at {best['nfe']} NFE: {best['dice'][str(k)]:.4f} vs "
                          f"{ref['dice'][str(k)]:.4f} ({diff:+.4f}, {verdict})")
     t = result.get("timing")
