@@ -113,3 +113,20 @@ def test_evaluate_scores_prob_and_var_maps(tmp_path):
     assert by_case["c1"]["uncertainty"]["auroc_var_error"] == pytest.approx(expected["auroc_var_error"])
     assert by_case["c1"]["uncertainty"]["reliability"]["ece"] == pytest.approx(expected["reliability"]["ece"])
     assert (tmp_path / "m_uncertainty.png").stat().st_size > 1000
+
+
+def test_sample_writes_uncertainty_with_any_sampler(tmp_path):
+    from patchddm_fast.cli import main
+
+    model = '{"base_width": 8, "channel_mult": [1, 2], "enc_blocks": 1, "dec_blocks": 2, "mid_blocks": 1, "groups": 4}'
+    assert main(["train", "--model", model, "--phantom-size", "8", "--phantom-train", "1", "--phantom-val", "1",
+                 "--patch-size", "8", "--steps", "1", "--out-dir", str(tmp_path / "run"), "--progress", "false",
+                 "--device", "cpu"]) == 0
+    assert main(["sample", "--model", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "s"),
+                 "--ensemble", "3", "--sampling-steps", "2", "--sampler", "dpmpp2m", "--member-batch", "2",
+                 "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    case = metrics["cases"][0]
+    assert {"auroc_var_error", "ece", "reliability", "error_voxels"} <= set(case)
+    assert metrics["sampling"]["sampler"] == "dpmpp2m" and "ece" in metrics["mean"]
+    assert (tmp_path / "s" / "uncertainty.png").stat().st_size > 1000
