@@ -25,7 +25,6 @@ setup(
         "nibabel>=5.0",
         "nvidia-ml-py>=12.0",
         "tqdm>=4.60",
-        "safetensors>=0.4",
         "pyyaml>=6.0",
         "matplotlib>=3.6",
         "scipy>=1.10",  # connected components and dilation for the BraTS lesion-wise metrics
