@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,13 +44,6 @@ RUN_FILES = ("last.pt", "config.json", "log.jsonl", "split.json")  # what fit wr
 
 class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or weights; nothing non-finite was saved (CLI exit code 3)."""
-
-
-def _rank() -> int:
-    """This process's rank in a distributed job (0 when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def learning_rate(base: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
@@ -282,11 +274,11 @@ class Trainer:
         from patchddm_fast.runlock import RunLock
         from patchddm_fast.safe_paths import confined, output_folder
 
+        if not self.dist.is_main:  # distributed: rank 0 alone writes the run folder and holds its lock
+            return self._fit()
         output_folder(self.out_dir, "out_dir")
         for name in RUN_FILES:
             confined(self.out_dir, name)
-        if _rank() != 0:  # distributed: rank 0 holds the lock for the whole job
-            return self._fit()
         with RunLock(self.out_dir):
             remove_stale_temp_files(self.out_dir)
             return self._fit()

@@ -138,7 +138,8 @@ def test_batch_one_draw_is_the_single_process_draw():
 
 def test_two_ranks_equal_one_rank_at_twice_the_batch_and_only_rank_zero_writes(runs):
     two = runs["two"]
-    assert sorted(p.name for p in two.iterdir()) == ["config.json", "last.pt", "log.jsonl"]
+    # rank 0 holds the run-folder lock (.lock) as a single-process run does
+    assert sorted(p.name for p in two.iterdir()) == [".lock", "config.json", "last.pt", "log.jsonl"]
     assert not (runs["rank1_cwd"] / "run").exists(), "rank 1 wrote into its working directory"
     assert list(runs["rank1_cwd"].iterdir()) == []
     assert json.loads((two / "config.json").read_text())["world_size"] == 2
