@@ -82,9 +82,9 @@ def test_region_run_end_to_end(tmp_path):
 
 
 def test_label_convention_is_validated(tmp_path):
-    with pytest.raises(ValueError, match="target must be one of"):
+    with pytest.raises(ValueError, match=r"'target' = 'multiclass': expected one of 'binary', 'regions'"):
         Trainer(tiny_config(tmp_path, target="multiclass"))
-    with pytest.raises(ValueError, match="label convention must be one of"):
+    with pytest.raises(ValueError, match=r"'label_convention' = 'brats2019': expected one of"):
         Trainer(tiny_config(tmp_path, label_convention="brats2019"))
 
 
