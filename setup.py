@@ -33,5 +33,5 @@ setup(
         # MONAI is the independent reference the region metrics are tested against (torch>=2.8, numpy only).
         "test": ["pytest>=7", "pytest-benchmark>=4", "monai>=1.4"],
     },
-    entry_points={"console_scripts": ["patchddm=patchddm_fast.cli:main"]},
+    entry_points={"console_scripts": ["patchddm=patchddm_fast.cli.main:main"]},
 )

@@ -31,9 +31,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from patchddm_fast.commands.demo import DEMO_CONFIG, train_and_evaluate
+from patchddm_fast.cli.demo import DEMO_CONFIG, train_and_evaluate
 from patchddm_fast.data.phantom import make_phantom_dataset
-from patchddm_fast.data.sources import VALIDATION_SEED_OFFSET
+from patchddm_fast.training.sources import VALIDATION_SEED_OFFSET
 
 VARIANTS = ("patchddm", "patches", "fullres")
 

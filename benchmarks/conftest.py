@@ -58,12 +58,12 @@ def _gpu_markdown(rows: List[Dict[str, Any]]) -> str:
 
 
 def _report_text() -> str:
-    from patchddm_fast.memory.paper_table import explanation, memory_markdown
+    from paper_table import explanation, memory_markdown
 
     parts = ["# Memory and speed benchmarks\n",
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with torch {torch.__version__}.\n"]
     if _RESULTS["memory"]:
-        parts.append("Simulated with `patchddm_fast.memory.simulate` (the real step on fake tensors; "
+        parts.append("Simulated with `patchddm_fast.analysis.simulate` (the real step on fake tensors; "
                      "allocator model; CUDA context stated as 0.54 GB).\n")
         parts.append(memory_markdown(_RESULTS["memory"]))
         parts.append(explanation(_RESULTS["memory"]))
@@ -83,7 +83,7 @@ def pytest_sessionfinish(session, exitstatus):
     (RESULTS_DIR / "report.md").write_text(_report_text(), encoding="utf-8")
     (RESULTS_DIR / "report.json").write_text(json.dumps(_RESULTS, indent=2, default=str), encoding="utf-8")
     if _RESULTS["memory"]:
-        from patchddm_fast.memory.paper_table import write_chart
+        from paper_table import write_chart
 
         write_chart(_RESULTS["memory"], RESULTS_DIR / "memory.png")
 

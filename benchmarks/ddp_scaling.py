@@ -2,7 +2,7 @@
 
 Writes ``benchmarks/results/ddp_scaling.json`` and ``.md``:
 
-* the scaling model of :mod:`patchddm_fast.memory.scaling` for 1/2/4/8 GPUs with NCCL over
+* the scaling model of :mod:`patchddm_fast.analysis.scaling` for 1/2/4/8 GPUs with NCCL over
   NVLink and over 100 Gb/s Ethernet (bytes all-reduced, overlap with backward, step time
   from the paper's measured 0.340 s/iteration on one A100);
 * the simulated per-rank training peak at 128^3 with and without DDP's gradient buckets
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from patchddm_fast.memory import simulate
-from patchddm_fast.memory.scaling import format_table, scaling_table
+from patchddm_fast.analysis import simulate
+from patchddm_fast.analysis.scaling import format_table, scaling_table
 
 OUT = Path(__file__).parent / "results"
 

@@ -18,11 +18,11 @@ import json
 import numpy as np
 import torch
 
-from patchddm_fast.checkpoint import load_for_inference
-from patchddm_fast.conditioning import condition, network_input
+from patchddm_fast.training.checkpoint import load_for_inference
+from patchddm_fast.model.conditioning import condition, network_input
 from patchddm_fast.data.phantom import LARGE_NECROSIS, make_phantom_dataset
-from patchddm_fast.data.sources import VALIDATION_SEED_OFFSET
-from patchddm_fast.metrics import dice
+from patchddm_fast.training.sources import VALIDATION_SEED_OFFSET
+from patchddm_fast.eval.metrics import dice
 
 
 def main(argv=None) -> int:

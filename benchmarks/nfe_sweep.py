@@ -4,7 +4,7 @@ question on phantoms), plus wall time of batched against one-at-a-time ensemble 
     python benchmarks/nfe_sweep.py --model RUN/last.pt --out benchmarks/results/nfe
 
 For a checkpoint trained on phantoms (``patchddm demo`` / ``patchddm train``) it samples the
-run's held-out cases (the demo's) with every sampler of :data:`patchddm_fast.samplers.SAMPLERS`
+run's held-out cases (the demo's) with every sampler of :data:`patchddm_fast.diffusion.samplers.SAMPLERS`
 at each NFE budget (Heun's NFE is odd, 2 x steps - 1: it gets the most steps within the budget,
 and the table shows the NFE actually spent).  Ensemble members are drawn in member order from
 the seeded generator, so the first k members of an M-member run are exactly the k-member
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_setting(text: str) -> Tuple[str, int]:
-    from patchddm_fast.samplers import check_sampler
+    from patchddm_fast.diffusion.samplers import check_sampler
 
     name, _, n = text.partition(":")
     if not n.isdigit():
@@ -39,7 +39,7 @@ def parse_setting(text: str) -> Tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from patchddm_fast.samplers import SAMPLERS
+    from patchddm_fast.diffusion.samplers import SAMPLERS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="CKPT", help="checkpoint of a phantom run (demo/train)")
@@ -69,14 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
-    from patchddm_fast.checkpoint import load_for_inference
+    from patchddm_fast.training.checkpoint import load_for_inference
     from patchddm_fast.config import TrainConfig
-    from patchddm_fast.data.cases import read_whole
-    from patchddm_fast.data.sources import load_cases
-    from patchddm_fast.metrics import dice
-    from patchddm_fast.samplers import nfe, steps_for_nfe
-    from patchddm_fast.sampling import segment_volume
-    from patchddm_fast.uncertainty import uncertainty_metrics
+    from patchddm_fast.training.cases import read_whole
+    from patchddm_fast.training.sources import load_cases
+    from patchddm_fast.eval.metrics import dice
+    from patchddm_fast.diffusion.samplers import nfe, steps_for_nfe
+    from patchddm_fast.sampling.segment import segment_volume
+    from patchddm_fast.eval.uncertainty import uncertainty_metrics
 
     model, diffusion, cfg = load_for_inference(args.model, device=args.device)
     config = TrainConfig.from_dict(cfg)
@@ -141,7 +141,7 @@ def batched_timing(args, model, diffusion, config, volumes) -> Dict[str, Any]:
     """Wall time of one case's ensemble sampled one member at a time vs all members as one batch."""
     import torch
 
-    from patchddm_fast.sampling import segment_volume
+    from patchddm_fast.sampling.segment import segment_volume
 
     cid, image, _ = volumes[0]
     out: Dict[str, Any] = dict(case=cid, sampler="ddim", steps=args.timing_steps, ensemble=args.timing_ensemble)
@@ -264,7 +264,7 @@ def merge(folders: Sequence[str]) -> Dict[str, Any]:
         key = (r["sampler"], r["nfe_budget"])
         if key not in best or r["members"] > best[key]["members"]:
             best[key] = r
-    from patchddm_fast.samplers import SAMPLERS
+    from patchddm_fast.diffusion.samplers import SAMPLERS
 
     out["runs"] = sorted(best.values(), key=lambda r: (SAMPLERS.index(r["sampler"]), r["nfe_budget"]))
     out["timing"] = next((p["timing"] for p in parts if p.get("timing")), None)
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(result, out / "nfe_sweep.png")
     ref = find(result["runs"], result["reference"]["sampler"], result["reference"]["nfe"])
     if ref is not None and all("reliability" in c for c in ref["cases"]):
-        from patchddm_fast.report import uncertainty_figure
+        from patchddm_fast.eval.figures import uncertainty_figure
 
         uncertainty_figure(ref["cases"], out / "uncertainty.png",
                            title=f"{ref['sampler']} {ref['nfe']} NFE, ensemble {ref['cases'][0]['ensemble_for_uncertainty']}:"

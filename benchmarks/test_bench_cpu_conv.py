@@ -6,7 +6,7 @@ demo's and small patches' widths) and one where it already runs oneDNN (the pape
 full-resolution level, where the engine keeps PyTorch's backward):
 
 * ``pytorch`` -- ``F.conv3d`` with autograd;
-* ``engine``  -- :func:`patchddm_fast.nn.cpu_conv.conv3d` (oneDNN forward; backward as
+* ``engine``  -- :func:`patchddm_fast.kernels.conv3d_cpu.conv3d` (oneDNN forward; backward as
   forward convolutions where PyTorch would take the slow path).
 
 The engine benchmark of each case stores its speed-up over PyTorch (ratio of medians in the
@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.nn import cpu_conv
+from patchddm_fast.kernels import conv3d_cpu as cpu_conv
 
 CASES = {  # (cin, cout, edge)
     "16->16 at 32^3": (16, 16, 32),

@@ -3,8 +3,8 @@
 Three implementations of SiLU(GroupNorm(x + bias_in)), 29 groups, fp32, at shapes of the
 paper's network (widths 29/87/116):
 
-* ``cpp``       -- ``patchddm_fast.ops.cpu_ext`` (csrc/patchddm_cpu_ops.cpp);
-* ``composite`` -- ``patchddm_fast.ops.reference.gn_silu_forward/backward``: the same
+* ``cpp``       -- ``patchddm_fast.kernels.cpu_ext`` (csrc/patchddm_cpu_ops.cpp);
+* ``composite`` -- ``patchddm_fast.kernels.reference.gn_silu_forward/backward``: the same
   save-only-(x, mean, rstd) semantics written with PyTorch ops (the fallback when no
   compiler is present);
 * ``eager``     -- ``F.silu(F.group_norm(x + bias_in))`` with autograd (saves the
@@ -26,7 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.ops import cpu_ext, reference
+from patchddm_fast.kernels import cpu_ext
+
+from patchddm_fast.kernels import reference
 
 GROUPS = 29
 EPS = 1e-5

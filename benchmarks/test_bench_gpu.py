@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchddm_fast.memory.report import GB
+from patchddm_fast.analysis.memory_report import GB
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: this machine has none (the CPU benchmarks and the simulator run without one)",
@@ -19,8 +19,8 @@ try:
 except ImportError:
     pytest.skip("needs NVML bindings (pip install nvidia-ml-py)", allow_module_level=True)
 
-from patchddm_fast.memory import simulate  # noqa: E402
-from patchddm_fast.memory.profiling import measure  # noqa: E402
+from patchddm_fast.analysis import simulate  # noqa: E402
+from patchddm_fast.analysis.profiling import measure  # noqa: E402
 
 # (preset, mode, size): the paper's PatchDDM training patch and its whole-volume inference.
 CASES = [("patchddm", "train", 128), ("patchddm", "sample", 256), ("halfres", "train", 128)]

@@ -25,7 +25,7 @@ Each benchmark records in ``extra_info``: median ms of the fused op, its achieve
 (floor bytes / time), that as a fraction of the measured device-to-device copy
 bandwidth (``roofline_GBps``, read+write of a 1 GiB buffer) and of the card's nominal
 bandwidth where known, and the median ms of eager PyTorch and of ``torch.compile`` of
-the reference composite (``patchddm_fast.nn.backend.reference_group_norm_silu``:
+the reference composite (``patchddm_fast.model.backend.reference_group_norm_silu``:
 GroupNorm in fp32, SiLU, cast back) for the same work.  Every case also checks the
 fused result against the reference (relative L2 error < 1e-2 in fp16/bf16).
 Run: ``pytest benchmarks/test_bench_kernels_gpu.py --benchmark-only -s``.
@@ -114,8 +114,8 @@ def _cases():
 
 @pytest.mark.parametrize("case,dtype,channels_last", list(_cases()))
 def test_gn_silu_forward(benchmark, case, dtype, channels_last):
-    from patchddm_fast.nn.backend import reference_group_norm_silu
-    from patchddm_fast.ops.gn_silu import gn_silu_fwd
+    from patchddm_fast.model.backend import reference_group_norm_silu
+    from patchddm_fast.kernels.gn_silu import gn_silu_fwd
 
     x, w, b, bias_in, _ = _inputs(CASES[case], DTYPES[dtype], channels_last)
     fused = lambda: gn_silu_fwd(x, w, b, bias_in, GROUPS, 1e-5)  # noqa: E731
@@ -131,8 +131,8 @@ def test_gn_silu_forward(benchmark, case, dtype, channels_last):
 
 @pytest.mark.parametrize("case,dtype,channels_last", list(_cases()))
 def test_gn_silu_backward(benchmark, case, dtype, channels_last):
-    from patchddm_fast.nn.backend import reference_group_norm_silu
-    from patchddm_fast.ops.gn_silu import gn_silu_bwd, gn_silu_fwd
+    from patchddm_fast.model.backend import reference_group_norm_silu
+    from patchddm_fast.kernels.gn_silu import gn_silu_bwd, gn_silu_fwd
 
     x, w, b, bias_in, dy = _inputs(CASES[case], DTYPES[dtype], channels_last)
     with torch.no_grad():
@@ -154,8 +154,8 @@ def test_gn_silu_backward(benchmark, case, dtype, channels_last):
 
 @pytest.mark.parametrize("case,dtype", [pytest.param(c, d, id=f"{c}-{d}") for c in CASES for d in DTYPES])
 def test_average_skip(benchmark, case, dtype):
-    from patchddm_fast.nn.backend import reference_average_skip
-    from patchddm_fast.ops.average_skip import average_skip_op
+    from patchddm_fast.model.backend import reference_average_skip
+    from patchddm_fast.kernels.average_skip import average_skip_op
 
     h, _, _, _, skip = _inputs(CASES[case], DTYPES[dtype])
     expected = reference_average_skip(h, skip)

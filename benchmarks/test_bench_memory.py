@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from patchddm_fast.memory import simulate
-from patchddm_fast.memory.paper_table import CONFIGS, PAPER_SIZES, row
-from patchddm_fast.memory.simulate import _simulate_cached
+from patchddm_fast.analysis import simulate
+from paper_table import CONFIGS, PAPER_SIZES, row
+from patchddm_fast.analysis.simulate import _simulate_cached
 
 CASES = [(preset, mode, label, recipe, over)
          for preset in ("fullres", "halfres", "patchddm")

@@ -19,10 +19,10 @@ from typing import Callable, Dict, List
 import pytest
 import torch
 
-from patchddm_fast.diffusion import Diffusion
-from patchddm_fast.memory.workload import eval_inputs, network_eval, train_inputs, train_step
-from patchddm_fast.nn.unet import UNet3D
-from patchddm_fast.precision import resolve_precision
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.diffusion.steps import eval_inputs, network_eval, train_inputs, train_step
+from patchddm_fast.model.unet import UNet3D
+from patchddm_fast.model.execution.precision import resolve_precision
 
 SIZE = 64
 PRESET = "patchddm"

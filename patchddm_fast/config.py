@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from patchddm_fast import validation as v
+from patchddm_fast.core import validation as v
 
 PAPER_ARCH: Dict[str, Any] = dict(
     base_width=29, channel_mult=(1, 3, 4, 4, 4, 4, 4), enc_blocks=2, dec_blocks=3, mid_blocks=2, groups=29,
@@ -41,7 +41,7 @@ class TrainConfig:
     split: Optional[str] = _help("split: a JSON file, a named split (brats2020-reference) or unset for a seeded random split", default=None)
     val_fraction: float = _help("validation fraction of a seeded random split", default=0.1)
     test_fraction: float = _help("test fraction of a seeded random split (never used for training)", default=0.1)
-    preprocess: Dict[str, Any] = _help("preprocessing (percentile clipping, target grid; see patchddm_fast.io.preprocess.PreprocessConfig); stored in checkpoints so predict repeats it", default_factory=dict)
+    preprocess: Dict[str, Any] = _help("preprocessing (percentile clipping, target grid; see patchddm_fast.data.preprocess.PreprocessConfig); stored in checkpoints so predict repeats it", default_factory=dict)
     cache_dir: Optional[str] = _help("where preprocessed volumes are cached (default $PATCHDDM_CACHE or ~/.cache/patchddm_fast/volumes)", default=None)
     preprocess_workers: int = _help("processes used to build the preprocessing cache", default=1)
     phantom_size: int = _help("edge length of phantom volumes", default=64)
@@ -149,7 +149,7 @@ def _validate_model(model: Mapping[str, Any], src) -> Dict[str, Any]:
 
 
 def _validate_diffusion(diff: Mapping[str, Any], src) -> Dict[str, Any]:
-    from patchddm_fast.diffusion import PREDICTIONS
+    from patchddm_fast.diffusion.schedule import PREDICTIONS
 
     s = _source_of(src, "diffusion")
     allowed = {"timesteps", "beta_start", "beta_end", "clip_x0", "prediction"}
@@ -171,15 +171,15 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     """Every TrainConfig value checked for type, range and allowed names; returns the values
     normalised (whole floats to int, numbers to float).  Raises :class:`ConfigError` naming
     the source, key, value and expected form."""
-    from patchddm_fast.conditioning import METHODS
+    from patchddm_fast.model.conditioning import METHODS
     from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
-    from patchddm_fast.io.layouts import LAYOUTS
-    from patchddm_fast.memory.offload import OFFLOAD_MODES
-    from patchddm_fast.nn.backend import OPS_BACKENDS
-    from patchddm_fast.nn.unet import CHECKPOINT_MODES
-    from patchddm_fast.precision import PRECISIONS
-    from patchddm_fast.regions import CONVENTIONS, TARGETS
-    from patchddm_fast.trainer import LR_SCHEDULES
+    from patchddm_fast.data.layouts import LAYOUTS
+    from patchddm_fast.model.execution.offload import OFFLOAD_MODES
+    from patchddm_fast.model.backend import OPS_BACKENDS
+    from patchddm_fast.model.unet import CHECKPOINT_MODES
+    from patchddm_fast.model.execution.precision import PRECISIONS
+    from patchddm_fast.data.regions import CONVENTIONS, TARGETS
+    from patchddm_fast.training.trainer import LR_SCHEDULES
 
     out = dict(d)
     src = lambda k: _source_of(source, k)  # noqa: E731
@@ -229,13 +229,13 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
             raise v.fail(src("betas"), "betas", b, "two numbers in [0, 1)")
         out["betas"] = tuple(v.check_float(x, "betas", src("betas"), 0.0, 1.0, hi_open=True) for x in b)
     if "device" in d:
-        from patchddm_fast.devices import DEVICE_PATTERN
+        from patchddm_fast.core.devices import DEVICE_PATTERN
 
         dev = d["device"]
         if not isinstance(dev, str) or not re.fullmatch(DEVICE_PATTERN, dev):
             raise v.fail(src("device"), "device", dev, "auto, cpu, cuda or cuda:N")
     if d.get("memory_budget") is not None:
-        from patchddm_fast.memory.planner import parse_bytes
+        from patchddm_fast.analysis.planner import parse_bytes
 
         try:
             parse_bytes(d["memory_budget"])
@@ -246,7 +246,7 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
         pre = d["preprocess"]
         if not isinstance(pre, Mapping):
             raise v.fail(src("preprocess"), "preprocess", pre, "a mapping of preprocessing settings")
-        from patchddm_fast.io.preprocess import PreprocessConfig
+        from patchddm_fast.data.preprocess import PreprocessConfig
 
         fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
         unknown = sorted(set(pre) - fields)

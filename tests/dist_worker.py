@@ -8,9 +8,9 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 import json
 import sys
 
-from patchddm_fast import distributed
-from patchddm_fast.cli import main as cli_main
-from patchddm_fast.trainer import Trainer
+from patchddm_fast.training import distributed
+from patchddm_fast.cli.main import main as cli_main
+from patchddm_fast.training.trainer import Trainer
 
 if __name__ == "__main__":
     jobs = json.loads(open(sys.argv[1], encoding="utf-8").read())

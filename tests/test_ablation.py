@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from patchddm_fast.commands.demo import DEMO_CONFIG, train_and_evaluate
+from patchddm_fast.cli.demo import DEMO_CONFIG, train_and_evaluate
 from patchddm_fast.data.phantom import make_phantom_dataset
-from patchddm_fast.data.sources import VALIDATION_SEED_OFFSET
+from patchddm_fast.training.sources import VALIDATION_SEED_OFFSET
 
 ROOT = Path(__file__).resolve().parents[1]
 

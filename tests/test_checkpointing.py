@@ -7,9 +7,9 @@ non-trivial) and a random upstream gradient.
 import pytest
 import torch
 
-from patchddm_fast.memory.offload import CpuStore, configure
-from patchddm_fast.memory.simulate import mkldnn_disabled
-from patchddm_fast.nn.unet import CHECKPOINT_MODES, UNet3D, count_parameters
+from patchddm_fast.model.execution.offload import CpuStore, configure
+from patchddm_fast.analysis.simulate import mkldnn_disabled
+from patchddm_fast.model.unet import CHECKPOINT_MODES, UNet3D, count_parameters
 
 TINY = dict(in_channels=5, base_width=8, channel_mult=(1, 2, 2), groups=4)
 MODES = [m for m in CHECKPOINT_MODES if m != "none"]
@@ -17,7 +17,7 @@ MODES = [m for m in CHECKPOINT_MODES if m != "none"]
 
 def _fused_available():
     try:
-        import patchddm_fast.ops  # noqa: F401
+        import patchddm_fast.kernels  # noqa: F401
     except Exception:
         return False
     return True
@@ -80,7 +80,7 @@ def test_offloaded_training_gives_the_same_gradients(offload, mode):
 @pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("offload", ["none", "skips"])
 def test_tiled_inference_matches_the_plain_forward(ops, offload, monkeypatch):
-    import patchddm_fast.memory.tiled as tiled
+    import patchddm_fast.model.execution.tiled as tiled
 
     monkeypatch.setattr(tiled, "SMALL_BYTES", 0)  # slab even these tiny tensors
     model = _model(ops).eval()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from patchddm_fast.cli import COMMANDS, build_parser, main
+from patchddm_fast.cli.main import COMMANDS, build_parser, main
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -18,10 +18,10 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_every_command_module_is_registered():
-    """Each module in patchddm_fast/commands is reachable from the installed `patchddm`."""
+    """Each module in patchddm_fast/cli is reachable from the installed `patchddm`."""
     from pathlib import Path
 
-    import patchddm_fast.commands as commands
+    import patchddm_fast.cli as commands
 
     modules = {p.stem for p in Path(commands.__file__).parent.glob("*.py") if p.stem != "__init__"}
     assert modules == set(COMMANDS)
@@ -36,7 +36,7 @@ def test_memory_and_plan_through_the_cli(capsys):
 
 
 def test_train_flags_cover_config():
-    from patchddm_fast.commands.train import config_from_args
+    from patchddm_fast.cli.train import config_from_args
 
     parser = build_parser()
     args = parser.parse_args(["train", "--steps", "3", "--lr", "0.01", "--model", '{"base_width": 16}',
@@ -66,5 +66,5 @@ def test_train_then_sample_on_phantoms(tmp_path):
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "patchddm_fast.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "patchddm_fast.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout

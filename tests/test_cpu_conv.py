@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.nn import cpu_conv
+from patchddm_fast.kernels import conv3d_cpu as cpu_conv
 
 CASES = [  # (cin, cout, kernel, stride, padding, size)
     (3, 5, 3, 1, 1, (6, 5, 7)),   # residual-block conv

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.ops import cpu_ext
+from patchddm_fast.kernels import cpu_ext
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 TOL_F32 = 1e-5
@@ -299,7 +299,7 @@ def test_import_does_not_build(tmp_path):
     """Importing the package (and this module) compiles nothing: building waits for first use."""
     env = dict(os.environ, PATCHDDM_FAST_CACHE_DIR=str(tmp_path))
     code = (
-        "import patchddm_fast, patchddm_fast.ops.cpu_ext as m\n"
+        "import patchddm_fast, patchddm_fast.kernels.cpu_ext as m\n"
         "assert m._state['loaded'] is None, m._state\n"
     )
     root = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.diffusion import Diffusion
+from patchddm_fast.diffusion.schedule import Diffusion
 
 
 def test_linear_schedule_closed_form():

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.checkpoint import load_checkpoint
-from patchddm_fast.cli import main as cli_main
-from patchddm_fast.data.cases import step_generators
-from patchddm_fast.trainer import Trainer
+from patchddm_fast.training.checkpoint import load_checkpoint
+from patchddm_fast.cli.main import main as cli_main
+from patchddm_fast.training.cases import step_generators
+from patchddm_fast.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -100,7 +100,7 @@ def runs(tmp_path_factory):
     """One 2-rank launch of tests/dist_worker.py running, in one process group: the
     uninterrupted 2-rank batch-1 run (each rank in its own working directory), every engine
     mode, and sharded prediction (3 cases: sharded cases; 1 case: spread ensemble)."""
-    from patchddm_fast.io.synthetic import write_phantom_dataset
+    from synthetic_data import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("dist")
     write_phantom_dataset(root / "brats", 3, (20, 24, 16))
@@ -243,8 +243,8 @@ def test_resume_refuses_another_global_batch(runs, tmp_path):
 
 
 def test_simulator_counts_ddp_buckets():
-    from patchddm_fast.memory.simulate import DDP_BUCKET_CAP_BYTES, ddp_bucket_sizes, simulate
-    from patchddm_fast.memory.tracker import GRADIENTS, WEIGHTS
+    from patchddm_fast.analysis.simulate import DDP_BUCKET_CAP_BYTES, ddp_bucket_sizes, simulate
+    from patchddm_fast.analysis.tracker import GRADIENTS, WEIGHTS
 
     sizes = ddp_bucket_sizes([4] * 10, first_cap=8, cap=12)
     assert sizes == [8, 12, 12, 8] and sum(sizes) == 40
@@ -259,7 +259,7 @@ def test_simulator_counts_ddp_buckets():
 
 
 def test_sharding_helpers_and_reduction_in_one_process(monkeypatch):
-    from patchddm_fast import distributed
+    from patchddm_fast.training import distributed
 
     items = list("abcdefg")
     shards = [distributed.shard(items, distributed.DistContext(r, 3)) for r in range(3)]
@@ -281,9 +281,9 @@ def test_sharding_helpers_and_reduction_in_one_process(monkeypatch):
 
 def test_ensemble_members_are_the_full_ensembles_members():
     """segment_volume(members=...) skips the others' network passes but not their noise."""
-    from patchddm_fast.diffusion import Diffusion
-    from patchddm_fast.nn.unet import UNet3D
-    from patchddm_fast.sampling import segment_volume
+    from patchddm_fast.diffusion.schedule import Diffusion
+    from patchddm_fast.model.unet import UNet3D
+    from patchddm_fast.sampling.segment import segment_volume
 
     torch.manual_seed(0)
     model = UNet3D.from_preset("patchddm", **{k: tuple(v) if isinstance(v, list) else v for k, v in ARCH.items()})

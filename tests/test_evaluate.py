@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from patchddm_fast.commands import evaluate
-from patchddm_fast.io import DatasetError
-from patchddm_fast.io.synthetic import oblique_affine, save_volume, write_phantom_dataset
-from patchddm_fast.metrics import dice, hd95
+from patchddm_fast.cli import evaluate
+from patchddm_fast.data import DatasetError
+from synthetic_data import oblique_affine, save_volume, write_phantom_dataset
+from patchddm_fast.eval.metrics import dice, hd95
 
 SHAPE = (20, 24, 16)
 SPACING = (1.0, 1.0, 1.5)

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.checkpoint import load_checkpoint, state_digest
-from patchddm_fast.cli import main
+from patchddm_fast.training.checkpoint import load_checkpoint, state_digest
+from patchddm_fast.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = '{"base_width": 8, "channel_mult": [1, 2], "enc_blocks": 1, "dec_blocks": 2, "mid_blocks": 1, "groups": 4}'
@@ -74,7 +74,7 @@ def subprocess_env(tmp_path):
 
 
 def cli_cmd(*argv):
-    return [sys.executable, "-m", "patchddm_fast.cli", *map(str, argv)]
+    return [sys.executable, "-m", "patchddm_fast.cli.main", *map(str, argv)]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATCHDDM_CRASH_DIR", str(root / "crashes"))
         assert main(["train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(root / "run")]) == 0
-    from patchddm_fast.io.synthetic import write_phantom_dataset
+    from synthetic_data import write_phantom_dataset
 
     write_phantom_dataset(root / "ds", 1, (16, 16, 16))
     case = root / "ds" / "BraTS20_Training_001"
@@ -294,7 +294,7 @@ def test_pickled_objects_and_folders_are_not_loaded(world, capsys, monkeypatch):
 
 
 def test_format_1_checkpoints_without_digest_still_load(world):
-    from patchddm_fast.checkpoint import load_for_inference
+    from patchddm_fast.training.checkpoint import load_for_inference
 
     old = world["root"] / "old.pt"
     _rewrite(world["ckpt"], old, lambda p: (p.pop("sha256"), p.__setitem__("format_version", 1)), digest=False)
@@ -514,7 +514,7 @@ def test_header_claiming_20000_cubed_voxels(world, capsys):
 
 
 def test_unexpected_error_writes_a_crash_log(tmp_path, capsys, monkeypatch):
-    from patchddm_fast.commands import plan
+    from patchddm_fast.cli import plan
 
     def broken(args):
         return {}["a bug"]

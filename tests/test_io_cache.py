@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import patchddm_fast.io.cache as cache_mod
-from patchddm_fast.io import (BRATS_REGIONS, CachedVolumeDataset, PreprocessConfig, VolumeCache, load_case,
+import patchddm_fast.data.cache as cache_mod
+from patchddm_fast.data import (BRATS_REGIONS, CachedVolumeDataset, PreprocessConfig, VolumeCache, load_case,
                               measure_throughput, open_dataset, preprocess_case)
-from patchddm_fast.io.synthetic import write_phantom_dataset
+from synthetic_data import write_phantom_dataset
 
 SHAPE = (20, 24, 16)
 CFG = PreprocessConfig(multiple=8, label_mode="multiclass")

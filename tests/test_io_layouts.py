@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from patchddm_fast.io import DatasetError, case_from_files, label_files, open_dataset
-from patchddm_fast.io.layouts import MODALITIES, PREDICTION_MARKER, PREPROCESSED_MARKER
-from patchddm_fast.io.synthetic import NNUNET_ORDER, raw_intensities, write_phantom_dataset
+from patchddm_fast.data import DatasetError, case_from_files, label_files, open_dataset
+from patchddm_fast.data.layouts import MODALITIES, PREDICTION_MARKER, PREPROCESSED_MARKER
+from synthetic_data import NNUNET_ORDER, raw_intensities, write_phantom_dataset
 
 SHAPE = (12, 14, 10)
 

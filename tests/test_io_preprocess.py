@@ -5,9 +5,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from patchddm_fast.io import CropPadBox, PreprocessConfig, compute_box, load_case, open_dataset, preprocess_case, save_like
-from patchddm_fast.io.preprocess import normalise_intensities
-from patchddm_fast.io.synthetic import write_phantom_dataset
+from patchddm_fast.data import CropPadBox, PreprocessConfig, compute_box, load_case, open_dataset, preprocess_case, save_like
+from patchddm_fast.data.preprocess import normalise_intensities
+from synthetic_data import write_phantom_dataset
 
 SHAPE = (20, 24, 16)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.report import case_figure, montage, summary_figure, tumour_centre
+from patchddm_fast.eval.figures import case_figure, montage, summary_figure, tumour_centre
 
 SHAPE = (20, 24, 16)
 
@@ -50,7 +50,7 @@ def test_prediction_figure_without_ground_truth_shows_t1ce_or_drops_the_column(t
     a 'no ground truth' label), or the figure has three columns when there is none."""
     from matplotlib.image import imread
 
-    from patchddm_fast.report import figure_columns
+    from patchddm_fast.eval.figures import figure_columns
 
     assert figure_columns(True, "T1ce")[1] == "ground truth"
     assert figure_columns(False, "T1ce")[1] == "T1ce (no ground truth)"

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from patchddm_fast.io import DatasetError, load_split, make_split, named_split, resolve_split
+from patchddm_fast.data import DatasetError, load_split, make_split, named_split, resolve_split
 
 IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 370)]
 

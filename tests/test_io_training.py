@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from patchddm_fast.commands import preprocess as preprocess_cmd
-from patchddm_fast.io import PreprocessConfig, VolumeCache, load_case, open_dataset, preprocess_case
-from patchddm_fast.io.synthetic import write_phantom_dataset
-from patchddm_fast.io.training import dataset_cases, preprocess_config_for
+from patchddm_fast.cli import preprocess as preprocess_cmd
+from patchddm_fast.data import PreprocessConfig, VolumeCache, load_case, open_dataset, preprocess_case
+from synthetic_data import write_phantom_dataset
+from patchddm_fast.data.training_sets import dataset_cases, preprocess_config_for
 
 SHAPE = (20, 24, 16)
 

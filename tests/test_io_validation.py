@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from patchddm_fast.io import DatasetError, PreprocessConfig, VolumeCache, load_case, open_dataset, preprocess_case
-from patchddm_fast.io.synthetic import oblique_affine, save_volume, write_phantom_dataset
+from patchddm_fast.data import DatasetError, PreprocessConfig, VolumeCache, load_case, open_dataset, preprocess_case
+from synthetic_data import oblique_affine, save_volume, write_phantom_dataset
 
 SHAPE = (12, 14, 10)
 CID = "BraTS20_Training_001"

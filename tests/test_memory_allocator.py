@@ -1,7 +1,7 @@
 """The caching-allocator model against hand-derived numbers (rules in allocator's docstring)."""
 import pytest
 
-from patchddm_fast.memory.allocator import CachingAllocatorModel, MiB, replay, round_size, segment_size
+from patchddm_fast.analysis.allocator import CachingAllocatorModel, MiB, replay, round_size, segment_size
 
 
 def test_rounding_and_segment_sizes():

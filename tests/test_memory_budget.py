@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from patchddm_fast import Trainer
-from patchddm_fast.diffusion import Diffusion
-from patchddm_fast.memory import simulate
-from patchddm_fast.memory.planner import DEFAULT_HEADROOM, planner_arch
-from patchddm_fast.nn.unet import ResBlock, UNet3D
-from patchddm_fast.sampling import segment_volume
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.analysis import simulate
+from patchddm_fast.analysis.planner import DEFAULT_HEADROOM, planner_arch
+from patchddm_fast.model.unet import ResBlock, UNet3D
+from patchddm_fast.sampling.segment import segment_volume
 from test_trainer import TINY_MODEL, random_cases, tiny_config
 
 
@@ -84,8 +84,8 @@ def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identica
     """With a bf16 plan the sampler keeps the conditioning in bf16 (what the simulator counts);
     under autocast the first convolution rounds its input to bf16 anyway, so the samples equal
     those of fp32 conditioning under the same autocast, bit for bit."""
-    import patchddm_fast.precision as precision_module
-    from patchddm_fast.precision import NoScaler, Precision
+    import patchddm_fast.model.execution.precision as precision_module
+    from patchddm_fast.model.execution.precision import NoScaler, Precision
 
     monkeypatch.setattr(precision_module, "resolve_precision",
                         lambda name, device: Precision("bf16", torch.device("cpu"), NoScaler()))

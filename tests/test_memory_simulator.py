@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from patchddm_fast.memory import simulate
-from patchddm_fast.memory.tracker import MemoryTracker
+from patchddm_fast.analysis import simulate
+from patchddm_fast.analysis.tracker import MemoryTracker
 
 TINY = dict(base_width=8, channel_mult=(1, 2, 2), groups=4)
 
@@ -79,7 +79,7 @@ def test_checkpoint_modes_trade_memory_for_recompute():
 
 
 def test_inference_offload_and_tiling_cut_the_peak(monkeypatch):
-    import patchddm_fast.memory.tiled as tiled
+    import patchddm_fast.model.execution.tiled as tiled
 
     monkeypatch.setattr(tiled, "SMALL_BYTES", 0)  # slab even the tiny test volumes
     plain = simulate("patchddm", "sample", size=32, model_kwargs=TINY)
@@ -108,11 +108,11 @@ def test_full_size_simulation_takes_seconds():
 
 
 def run_command(name, argv):
-    """Parse and run one of patchddm_fast.commands.<name> the way the CLI does."""
+    """Parse and run one of patchddm_fast.cli.<name> the way the CLI does."""
     import argparse
     import importlib
 
-    module = importlib.import_module(f"patchddm_fast.commands.{name}")
+    module = importlib.import_module(f"patchddm_fast.cli.{name}")
     parser = argparse.ArgumentParser(prog="patchddm")
     module.add_parser(parser.add_subparsers(dest="command"))
     return module.run(parser.parse_args([name, *argv]))
@@ -132,8 +132,8 @@ def test_profile_without_gpu_exits_with_message(capsys):
 
 
 def testreference_code_order_differs_from_the_backend_only_in_silu_precision():
-    from patchddm_fast.memory.simulate import reference_code_order, reference_code_group_norm_silu
-    from patchddm_fast.nn import backend
+    from patchddm_fast.analysis.simulate import reference_code_order, reference_code_group_norm_silu
+    from patchddm_fast.model import backend
 
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 8, 4, 4, 4, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g)
@@ -151,10 +151,10 @@ def testreference_code_order_differs_from_the_backend_only_in_silu_precision():
 @pytest.mark.parametrize("mode", ["train", "sample"])
 def test_profile_workload_runs_on_cpu(mode):
     """The GPU profiler's workload loop (timing, DDIM pass) on a tiny CPU network."""
-    from patchddm_fast.memory.profiling import _run_workload
-    from patchddm_fast.memory.simulate import recipe_settings
-    from patchddm_fast.nn.unet import UNet3D
-    from patchddm_fast.precision import resolve_precision
+    from patchddm_fast.analysis.profiling import _run_workload
+    from patchddm_fast.analysis.simulate import recipe_settings
+    from patchddm_fast.model.unet import UNet3D
+    from patchddm_fast.model.execution.precision import resolve_precision
 
     model = UNet3D(in_channels=5, **TINY)
     times = []

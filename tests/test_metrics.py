@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from patchddm_fast.metrics import dice, hd95, surface, surface_distances
+from patchddm_fast.eval.metrics import dice, hd95, surface, surface_distances
 
 METHODS = ("auto", "edt", "pairwise")
 

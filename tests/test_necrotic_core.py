@@ -14,12 +14,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from patchddm_fast.commands.demo import DEMO_CONFIG
-from patchddm_fast.data.cases import pad_case
+from patchddm_fast.cli.demo import DEMO_CONFIG
+from patchddm_fast.training.cases import pad_case
 from patchddm_fast.data.phantom import LARGE_NECROSIS, make_phantom_dataset
-from patchddm_fast.metrics import dice
-from patchddm_fast.sampling import segment_volume
-from patchddm_fast.trainer import Trainer
+from patchddm_fast.eval.metrics import dice
+from patchddm_fast.sampling.segment import segment_volume
+from patchddm_fast.training.trainer import Trainer
 
 SIZE = 32
 MAX_HOLE_VOXELS = 3  # "no enclosed hole larger than a few voxels"

@@ -13,8 +13,10 @@ import json
 
 import pytest
 
-from patchddm_fast.commands import kernels as kernels_cmd
-from patchddm_fast.ops import aot, average_skip, gn_silu
+from patchddm_fast.cli import kernels as kernels_cmd
+from patchddm_fast.kernels import aot
+from patchddm_fast.kernels import average_skip
+from patchddm_fast.kernels import gn_silu
 
 ARCHS = {"sm_80", "sm_86", "sm_89", "sm_90"}
 KERNEL_FUNCTIONS = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchddm_fast import ops
-from patchddm_fast.ops import average_skip as skip_mod
+from patchddm_fast import kernels as ops
+from patchddm_fast.kernels import average_skip as skip_mod
 
 BACKENDS = ("triton-interpret", "composite")
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3}

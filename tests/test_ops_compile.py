@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast import ops
+from patchddm_fast import kernels as ops
 
 
 def _block(x, w, b, emb, skip, conv_w):

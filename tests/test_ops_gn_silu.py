@@ -21,10 +21,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchddm_fast import ops
-from patchddm_fast.ops import dispatch, gn_silu, reference
-from patchddm_fast.ops._layout import poisoned_outputs
-from patchddm_fast.ops.reference import gn_silu_reference
+from patchddm_fast import kernels as ops
+from patchddm_fast.kernels import dispatch
+from patchddm_fast.kernels import gn_silu
+from patchddm_fast.kernels import reference
+from patchddm_fast.kernels._layout import poisoned_outputs
+from patchddm_fast.kernels.reference import gn_silu_reference
 
 BACKENDS = ("triton-interpret", "composite")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

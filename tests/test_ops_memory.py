@@ -1,7 +1,7 @@
 """Saved-tensor bytes of one residual block in training: reference ops vs the fused ops.
 
 The block is the paper's ``GN-SiLU-conv-(+emb)-GN-SiLU-conv``, built through the
-network's backend switch (:mod:`patchddm_fast.nn.backend`).  Everything autograd keeps
+network's backend switch (:mod:`patchddm_fast.model.backend`).  Everything autograd keeps
 for backward is counted with ``torch.autograd.graph.saved_tensors_hooks`` (unique
 storages, parameters excluded), on CPU with the composite backend.
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast import ops
-from patchddm_fast.nn import backend
+from patchddm_fast import kernels as ops
+from patchddm_fast.model import backend
 
 N, C, GROUPS, SPATIAL = 1, 6, 2, (4, 5, 6)
 
@@ -85,7 +85,7 @@ def test_fused_block_drops_normalised_tensors(dtype):
 
 def _block_saved_bytes(ops_name: str, checkpoint: str) -> int:
     """Saved bytes (unique storages, parameters excluded) of one real network ResBlock in training."""
-    from patchddm_fast.nn.unet import UNet3D
+    from patchddm_fast.model.unet import UNet3D
 
     torch.manual_seed(0)
     net = UNet3D(in_channels=5, base_width=C, channel_mult=(1, 1), groups=GROUPS, ops=ops_name, checkpoint=checkpoint)

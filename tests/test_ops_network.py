@@ -15,11 +15,11 @@ import copy
 import pytest
 import torch
 
-from patchddm_fast import ops
+from patchddm_fast import kernels as ops
 
 
 def _cpp_available() -> bool:
-    from patchddm_fast.ops import cpu_ext
+    from patchddm_fast.kernels import cpu_ext
 
     return cpu_ext.available()
 

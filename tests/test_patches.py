@@ -156,8 +156,8 @@ def test_build_model_input_order_and_broadcast():
 def test_patches_method_is_patchddm_without_coordinates():
     """The ablation method "patches" trains on the same random patches as PatchDDM, but its
     network input has no coordinate channels (image + noisy mask only)."""
-    from patchddm_fast.conditioning import in_channels
-    from patchddm_fast.data.cases import BatchSampler, pad_case
+    from patchddm_fast.model.conditioning import in_channels
+    from patchddm_fast.training.cases import BatchSampler, pad_case
 
     rng = np.random.default_rng(0)
     case = pad_case("c", rng.random((4, 16, 16, 16), dtype=np.float32), rng.random((16, 16, 16)) > 0.5, 8)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.precision import NoScaler, resolve_precision
+from patchddm_fast.model.execution.precision import NoScaler, resolve_precision
 
 
 def test_auto_on_cpu_is_a_real_fp32_noop():

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.commands import predict
-from patchddm_fast.io import DatasetError
-from patchddm_fast.io.layouts import MODALITIES
-from patchddm_fast.io.synthetic import write_phantom_dataset
+from patchddm_fast.cli import predict
+from patchddm_fast.data import DatasetError
+from patchddm_fast.data.layouts import MODALITIES
+from synthetic_data import write_phantom_dataset
 
 SHAPE = (20, 24, 16)
 MULTIPLE = 8
@@ -50,8 +50,8 @@ def fake_segment_volume(model, diffusion, image, *, method, ensemble, steps, see
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setattr("patchddm_fast.checkpoint.load_for_inference", fake_load_for_inference)
-    monkeypatch.setattr("patchddm_fast.sampling.segment_volume", fake_segment_volume)
+    monkeypatch.setattr("patchddm_fast.training.checkpoint.load_for_inference", fake_load_for_inference)
+    monkeypatch.setattr("patchddm_fast.sampling.segment.segment_volume", fake_segment_volume)
 
 
 def run_cli(*argv):
@@ -155,14 +155,14 @@ def test_refuses_input_folders_and_existing_outputs(stand_in, data, tmp_path):
 
 def test_real_tiny_checkpoint_end_to_end(data, tmp_path):
     """The real loader and sampler with a tiny network: outputs exist on the input grid, values are sane."""
-    from patchddm_fast.checkpoint import save_checkpoint
+    from patchddm_fast.training.checkpoint import save_checkpoint
     from patchddm_fast.config import TrainConfig
     from conftest import tiny_unet_kwargs
 
     arch = {k: v for k, v in tiny_unet_kwargs().items() if k != "in_channels"}
     config = TrainConfig(method="patchddm", model=arch).to_dict()
     config["preprocess"] = {"multiple": 8}
-    from patchddm_fast.checkpoint import build_model
+    from patchddm_fast.training.checkpoint import build_model
 
     torch.manual_seed(0)
     model = build_model(config)
@@ -188,15 +188,15 @@ def test_train_predict_evaluate_round_trip(data, tmp_path, monkeypatch):
     predict, and evaluate; outputs sit on the input grid and evaluate reproduces in-memory metrics."""
     from conftest import tiny_unet_kwargs
 
-    from patchddm_fast.checkpoint import load_for_inference
-    from patchddm_fast.commands import evaluate
+    from patchddm_fast.training.checkpoint import load_for_inference
+    from patchddm_fast.cli import evaluate
     from patchddm_fast.config import TrainConfig
-    from patchddm_fast.io import load_case, open_dataset
-    from patchddm_fast.io.training import preprocess_config_for
-    from patchddm_fast.io.preprocess import preprocess_case
-    from patchddm_fast.metrics import dice, hd95
-    from patchddm_fast.sampling import segment_volume
-    from patchddm_fast.trainer import Trainer
+    from patchddm_fast.data import load_case, open_dataset
+    from patchddm_fast.data.training_sets import preprocess_config_for
+    from patchddm_fast.data.preprocess import preprocess_case
+    from patchddm_fast.eval.metrics import dice, hd95
+    from patchddm_fast.sampling.segment import segment_volume
+    from patchddm_fast.training.trainer import Trainer
 
     monkeypatch.setenv("PATCHDDM_CACHE", str(tmp_path / "cache"))
     arch = {k: v for k, v in tiny_unet_kwargs().items() if k != "in_channels"}
@@ -234,9 +234,9 @@ def test_train_predict_evaluate_round_trip(data, tmp_path, monkeypatch):
 def test_preprocessing_warning_only_when_the_checkpoint_lacks_it(data, tmp_path, capsys):
     """Issue 13.3: the 'stores no preprocessing parameters' warning is for old checkpoints only;
     one that stores its (default) preprocessing, as every trained one now does, predicts silently."""
-    from patchddm_fast.checkpoint import build_model, save_checkpoint
+    from patchddm_fast.training.checkpoint import build_model, save_checkpoint
     from patchddm_fast.config import TrainConfig
-    from patchddm_fast.io.preprocess import PreprocessConfig
+    from patchddm_fast.data.preprocess import PreprocessConfig
     from conftest import tiny_unet_kwargs
 
     arch = {k: v for k, v in tiny_unet_kwargs().items() if k != "in_channels"}

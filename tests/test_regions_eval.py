@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.lesionwise import FP_HD95_MM, lesion_wise
-from patchddm_fast.metrics import dice, hd95
-from patchddm_fast.regions import (BRATS2023_REGIONS, BRATS_REGIONS, detect_convention, label_map, nest_regions,
+from patchddm_fast.eval.lesionwise import FP_HD95_MM, lesion_wise
+from patchddm_fast.eval.metrics import dice, hd95
+from patchddm_fast.data.regions import (BRATS2023_REGIONS, BRATS_REGIONS, detect_convention, label_map, nest_regions,
                                    region_masks)
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from patchddm_fast import Trainer
-from patchddm_fast.checkpoint import build_model, load_for_inference
-from patchddm_fast.conditioning import in_channels, target_mask
-from patchddm_fast.data.cases import BatchSampler, step_generators
-from patchddm_fast.data.sources import phantom_cases
-from patchddm_fast.regions import label_map, region_masks
-from patchddm_fast.sampling import segment_volume
-from patchddm_fast.showcase import evaluate_cases
+from patchddm_fast.training.checkpoint import build_model, load_for_inference
+from patchddm_fast.model.conditioning import in_channels, target_mask
+from patchddm_fast.training.cases import BatchSampler, step_generators
+from patchddm_fast.training.sources import phantom_cases
+from patchddm_fast.data.regions import label_map, region_masks
+from patchddm_fast.sampling.segment import segment_volume
+from patchddm_fast.cli.showcase import evaluate_cases
 
 TINY = dict(base_width=8, channel_mult=(1, 2), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=4)
 
@@ -91,8 +91,8 @@ def test_label_convention_is_validated(tmp_path):
 def test_simulator_follows_the_region_model():
     """The three-channel target grows only conv_in and conv_out: weight bytes differ by exactly
     those layers' extra parameters, and the simulated training peak can only grow."""
-    from patchddm_fast.memory import simulate
-    from patchddm_fast.memory.planner import region_channels
+    from patchddm_fast.analysis import simulate
+    from patchddm_fast.analysis.planner import region_channels
 
     binary = simulate("patchddm", "train", size=16, recipe="paper", model_kwargs=TINY)
     regions = simulate("patchddm", "train", size=16, recipe="paper",
@@ -109,12 +109,14 @@ def test_region_train_predict_evaluate_on_brats_folders(layout, values, tmp_path
     on the input grid, and evaluate detects it and reproduces the in-memory per-region scores."""
     import argparse
 
-    from patchddm_fast.commands import evaluate, predict
-    from patchddm_fast.io import load_case, open_dataset
-    from patchddm_fast.io.preprocess import preprocess_case
-    from patchddm_fast.io.synthetic import write_phantom_dataset
-    from patchddm_fast.io.training import preprocess_config_for
-    from patchddm_fast.metrics import dice
+    from patchddm_fast.cli import evaluate
+
+    from patchddm_fast.cli import predict
+    from patchddm_fast.data import load_case, open_dataset
+    from patchddm_fast.data.preprocess import preprocess_case
+    from synthetic_data import write_phantom_dataset
+    from patchddm_fast.data.training_sets import preprocess_config_for
+    from patchddm_fast.eval.metrics import dice
 
     monkeypatch.setenv("PATCHDDM_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -157,7 +159,7 @@ def test_region_train_predict_evaluate_on_brats_folders(layout, values, tmp_path
 
 def test_multifocal_phantoms_have_separate_lesions():
     from patchddm_fast.data.phantom import make_phantom, make_phantom_dataset
-    from patchddm_fast.lesionwise import ground_truth_lesions
+    from patchddm_fast.eval.lesionwise import ground_truth_lesions
 
     one = make_phantom(32, 1)
     same = make_phantom(32, 1, lesions=1)

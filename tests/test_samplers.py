@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from patchddm_fast.conditioning import condition, network_input
-from patchddm_fast.diffusion import Diffusion
-from patchddm_fast.nn.unet import UNet3D
-from patchddm_fast.samplers import SAMPLERS, nfe, sample_loop, solver_timesteps, steps_for_nfe
-from patchddm_fast.sampling import member_batch_for, segment_volume
+from patchddm_fast.model.conditioning import condition, network_input
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.model.unet import UNet3D
+from patchddm_fast.diffusion.samplers import SAMPLERS, nfe, sample_loop, solver_timesteps, steps_for_nfe
+from patchddm_fast.sampling.segment import member_batch_for, segment_volume
 
 TINY = dict(base_width=8, channel_mult=(1, 2), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=4)
 DATA_STD = 0.3
@@ -203,8 +203,8 @@ def test_member_batch_choice():
 
 
 def test_planner_picks_the_largest_member_batch_that_fits():
-    from patchddm_fast.memory import fits_budget, plan, simulate
-    from patchddm_fast.memory.planner import max_sample_batch, planner_arch
+    from patchddm_fast.analysis import fits_budget, plan, simulate
+    from patchddm_fast.analysis.planner import max_sample_batch, planner_arch
 
     net = UNet3D.from_preset("patchddm", base_width=8, channel_mult=(1, 2, 2), groups=4)
     arch = planner_arch(net.config)

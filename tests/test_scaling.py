@@ -1,11 +1,11 @@
-"""The data-parallel scaling model (patchddm_fast.memory.scaling) against its closed forms."""
+"""The data-parallel scaling model (patchddm_fast.analysis.scaling) against its closed forms."""
 import pytest
 import torch
 
-from patchddm_fast.memory.scaling import (BACKWARD_FRACTION, LINKS, Link, allreduce_seconds, backward_profile,
+from patchddm_fast.analysis.scaling import (BACKWARD_FRACTION, LINKS, Link, allreduce_seconds, backward_profile,
                                           bucket_ready_times, exposed_communication, ring_allreduce_bytes,
                                           step_estimate)
-from patchddm_fast.memory.simulate import ddp_bucket_sizes
+from patchddm_fast.analysis.simulate import ddp_bucket_sizes
 
 TINY = dict(base_width=8, channel_mult=(1, 2), groups=4, enc_blocks=1, dec_blocks=2, mid_blocks=1)
 
@@ -21,7 +21,7 @@ def test_ring_allreduce_closed_form():
 
 
 def test_profile_counts_every_parameter_once_and_buckets_match_ddp():
-    from patchddm_fast.nn.unet import UNet3D
+    from patchddm_fast.model.unet import UNet3D
 
     profile = backward_profile("patchddm", 16, TINY)
     model = UNet3D.from_preset("patchddm", **TINY)

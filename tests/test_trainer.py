@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from patchddm_fast import Trainer, TrainConfig
-from patchddm_fast.checkpoint import load_checkpoint, load_for_inference, save_checkpoint
-from patchddm_fast.data.cases import pad_case
+from patchddm_fast.training.checkpoint import load_checkpoint, load_for_inference, save_checkpoint
+from patchddm_fast.training.cases import pad_case
 
 TINY_MODEL = dict(base_width=8, channel_mult=(1, 2, 2), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=4)
 
@@ -130,7 +130,7 @@ def test_resume_after_a_crash_follows_the_cosine_schedule_exactly(tmp_path):
 def test_learning_rate_schedules_in_closed_form():
     import math
 
-    from patchddm_fast.trainer import learning_rate
+    from patchddm_fast.training.trainer import learning_rate
 
     assert [learning_rate(1.0, s, 10) for s in range(10)] == [1.0] * 10
     assert [learning_rate(1.0, s, 10, "constant", warmup=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
@@ -145,7 +145,7 @@ def test_learning_rate_schedules_in_closed_form():
 def test_every_checkpoint_stores_the_effective_preprocessing(tmp_path):
     """Issue 13.3: a run trained with default preprocessing stores the defaults (with the
     network's size multiple) in its checkpoint, and explicit settings keep their values."""
-    from patchddm_fast.io.preprocess import PreprocessConfig
+    from patchddm_fast.data.preprocess import PreprocessConfig
 
     cases = random_cases(2)
     Trainer(tiny_config(tmp_path / "a", steps=1), train_cases=cases, val_cases=[]).fit()

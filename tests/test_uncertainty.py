@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from patchddm_fast.commands import evaluate
-from patchddm_fast.io.synthetic import oblique_affine, save_volume
-from patchddm_fast.uncertainty import auroc, pooled_reliability, reliability, uncertainty_metrics
+from patchddm_fast.cli import evaluate
+from synthetic_data import oblique_affine, save_volume
+from patchddm_fast.eval.uncertainty import auroc, pooled_reliability, reliability, uncertainty_metrics
 
 
 def brute_auroc(scores, labels):
@@ -116,7 +116,7 @@ def test_evaluate_scores_prob_and_var_maps(tmp_path):
 
 
 def test_sample_writes_uncertainty_with_any_sampler(tmp_path):
-    from patchddm_fast.cli import main
+    from patchddm_fast.cli.main import main
 
     model = '{"base_width": 8, "channel_mult": [1, 2], "enc_blocks": 1, "dec_blocks": 2, "mid_blocks": 1, "groups": 4}'
     assert main(["train", "--model", model, "--phantom-size", "8", "--phantom-train", "1", "--phantom-val", "1",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from patchddm_fast import UNet3D
-from patchddm_fast.nn import count_parameters, timestep_embedding
+from patchddm_fast.model import count_parameters, timestep_embedding
 
 
 @pytest.mark.parametrize("preset,expected", [("patchddm", 24_260_299), ("fullres", 24_257_950), ("halfres", 24_257_950)])

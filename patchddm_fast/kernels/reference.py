@@ -1,0 +1,121 @@
+"""Plain-PyTorch versions of the fused ops: the float64 reference and the CPU composite.
+
+Two different things live here, on purpose written differently:
+
+* :func:`gn_silu_reference` -- ``SiLU(GroupNorm(x + bias_in))`` built from
+  ``F.group_norm`` and ``F.silu`` in the *input's* dtype, differentiable by autograd.
+  Called with float64 tensors it is the ground truth the kernels are tested against
+  (forward and all four gradients).
+* :func:`gn_silu_forward` / :func:`gn_silu_backward` / :func:`average_skip_` /
+  :func:`residual_add_` -- the composite CPU implementation of the custom ops, with
+  exactly the signatures of the C++ extension (``patchddm_fast.kernels.cpu_ext``) so the
+  dispatcher can swap one for the other.  It writes the backward out by hand (the same
+  closed form the Triton kernels use), computes in fp32 (fp64 for fp64 inputs), and
+  like the kernels keeps nothing but the per-group float32 (mean, rstd) for backward.
+
+Backward closed form (per sample n, group g of M = cpg*S elements; z = x + bias_in):
+  xhat = (z - mean) * rstd,  u = xhat*w + b,  y = u*sigmoid(u)
+  gu   = dy * sigmoid(u) * (1 + u*(1 - sigmoid(u)))            (dL/du)
+  A[n,c] = sum_s gu,  B[n,c] = sum_s gu*xhat
+  dweight = sum_n B,  dbias = sum_n A
+  m1 = sum_{c in g} w_c A[n,c] / M,  m2 = sum_{c in g} w_c B[n,c] / M
+  dx = rstd * (w*gu - m1 - xhat*m2),  dbias_in[n,c] = sum_s dx[n,c,:]
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._layout import empty_in_layout
+
+Tensor = torch.Tensor
+
+
+def gn_silu_reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float = 1e-5,
+                      bias_in: Optional[Tensor] = None) -> Tensor:
+    """``SiLU(GroupNorm(x + bias_in))`` in the dtype of ``x`` (use float64 for ground truth)."""
+    if bias_in is not None:
+        x = x + bias_in.reshape(*bias_in.shape, *([1] * (x.dim() - 2)))
+    return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    """(N, C) -> (N, C, 1, ..., 1) broadcastable against an ``ndim``-dimensional tensor."""
+    return t.reshape(*t.shape, *([1] * (ndim - 2)))
+
+
+def _pre_norm(x: Tensor, bias_in: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    z = x.to(dtype)
+    if bias_in is not None:
+        z = z + _per_channel(bias_in.to(dtype), x.dim())
+    return z
+
+
+def _expand_groups(t: Tensor, cpg: int) -> Tensor:
+    """(N, G) group statistic -> (N, C)."""
+    return t.repeat_interleave(cpg, dim=1)
+
+
+def gn_silu_forward(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], groups: int,
+                    eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Composite forward: ``(y, mean, rstd)``; y like x (dtype, layout), stats float32 (N, groups)."""
+    n, c = x.shape[:2]
+    dt = _compute_dtype(x)
+    z = _pre_norm(x, bias_in, dt)
+    zg = z.reshape(n, groups, -1)
+    mean = zg.mean(dim=-1)
+    var = (zg - mean[..., None]).square().mean(dim=-1)  # two-pass: no E[z^2]-E[z]^2 cancellation
+    rstd = (var + eps).rsqrt()
+    cpg = c // groups
+    scale = _expand_groups(rstd, cpg) * weight.to(dt)
+    u = (z - _per_channel(_expand_groups(mean, cpg), x.dim())) * _per_channel(scale, x.dim()) \
+        + _per_channel(bias.to(dt).expand(n, c), x.dim())
+    y = empty_in_layout(x)
+    y.copy_(F.silu(u))
+    return y, mean.float(), rstd.float()
+
+
+def gn_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor],
+                     mean: Tensor, rstd: Tensor, groups: int
+                     ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Composite backward: ``(dx, dweight, dbias, dbias_in or None)`` from saved x and stats."""
+    n, c = x.shape[:2]
+    nd = x.dim()
+    cpg = c // groups
+    m_elems = cpg * (x.numel() // max(1, n * c))
+    dt = _compute_dtype(x)
+    spatial = tuple(range(2, nd))
+    rs = _per_channel(_expand_groups(rstd.to(dt), cpg), nd)
+    xhat = (_pre_norm(x, bias_in, dt) - _per_channel(_expand_groups(mean.to(dt), cpg), nd)) * rs
+    w = _per_channel(weight.to(dt).expand(n, c), nd)
+    u = xhat * w + _per_channel(bias.to(dt).expand(n, c), nd)
+    sig = torch.sigmoid(u)
+    gu = dy.to(dt) * sig * (1 + u * (1 - sig))
+    a = gu.sum(dim=spatial)
+    b = (gu * xhat).sum(dim=spatial)
+    m1 = (weight.to(dt) * a).reshape(n, groups, cpg).sum(-1) / m_elems
+    m2 = (weight.to(dt) * b).reshape(n, groups, cpg).sum(-1) / m_elems
+    dx_c = rs * (w * gu - _per_channel(_expand_groups(m1, cpg), nd)
+                 - xhat * _per_channel(_expand_groups(m2, cpg), nd))
+    dx = empty_in_layout(x)
+    dx.copy_(dx_c)
+    dbias_in = None
+    if bias_in is not None:
+        dbias_in = dx_c.sum(dim=spatial).to(bias_in.dtype)
+    return dx, b.sum(0).to(weight.dtype), a.sum(0).to(bias.dtype), dbias_in
+
+
+def average_skip_(h: Tensor, skip: Tensor) -> Tensor:
+    """h <- (h + skip) / 2 in place (h/2 + skip/2: same rounding, never overflows)."""
+    return h.mul_(0.5).add_(skip, alpha=0.5)
+
+
+def residual_add_(h: Tensor, skip: Tensor) -> Tensor:
+    """h <- h + skip in place."""
+    return h.add_(skip)

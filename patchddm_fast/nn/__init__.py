@@ -1,3 +1,0 @@
-from patchddm_fast.nn.unet import UNet3D, count_parameters, timestep_embedding
-
-__all__ = ["UNet3D", "count_parameters", "timestep_embedding"]

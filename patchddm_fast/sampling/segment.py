@@ -1,0 +1,241 @@
+"""Whole-volume segmentation by DDIM sampling (or another sampler of :mod:`patchddm_fast.diffusion.samplers`),
+with ensembles -- one member at a time or several as one network batch -- and a progress bar.
+
+The network sees the whole (padded) volume in one pass -- no stitching (PAPER.md).  An
+ensemble draws N samples from different initial noise; their mean is the prediction
+(thresholded at 0.5) and their variance the uncertainty map.  Padding to the network's
+size multiple and HalfRes decimation happen here and are undone before returning, so the
+result is on the grid the caller passed in.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from patchddm_fast.model.conditioning import condition, network_input
+from patchddm_fast.data.patches import pad_to_multiple, unpad
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.data.regions import nest_regions
+from patchddm_fast.diffusion.samplers import DEFAULT_SAMPLER, check_sampler, nfe, sample_loop
+
+
+class NonFiniteSampleError(ValueError):
+    """The network produced NaN/Inf while sampling: a damaged or diverged model, never a valid mask."""
+
+
+@dataclass
+class SegmentationResult:
+    """Ensemble statistics on the input grid: mean (prediction), var (uncertainty), mask.
+
+    Shapes are (D, H, W) for a whole-tumour model and (3, D, H, W) for a region model
+    (WT/TC/ET channels; the mask is nested, ET ⊂ TC ⊂ WT, see :mod:`patchddm_fast.data.regions`).
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    mask: torch.Tensor
+    samples: Optional[torch.Tensor] = None  # (N, D, H, W) or (N, 3, D, H, W) when keep_samples=True
+
+
+def flush_denormals_on_cpu(device: torch.device) -> None:
+    """Treat subnormal floats as zero on the CPU (a process-wide setting).
+
+    Zero-initialised output convolutions make early activations and gradients subnormal,
+    and x86 handles subnormals in microcode, which can slow CPU kernels badly (with the
+    oneDNN convolutions of the engine the demo's step time is the same either way, as
+    measured on 2026-12-01).  Results change by less than 1e-38 per value.
+    """
+    if torch.device(device).type == "cpu":
+        torch.set_flush_denormal(True)
+
+
+# Members per batch without a memory plan, by device type (measured, see NOTES_samplers.md).
+DEFAULT_MEMBER_BATCH = {"cpu": 1, "cuda": 1}
+
+
+def member_batch_for(ensemble: int, *, eta: float = 0.0, sampler: str = DEFAULT_SAMPLER, device="cpu",
+                     requested: Optional[int] = None, plan=None, model=None, method: str = "patchddm",
+                     size: int = 0) -> int:
+    """How many ensemble members to sample as one network batch.
+
+    * ``requested`` (``--member-batch``) wins, capped at ``ensemble``;
+    * stochastic DDIM (eta > 0) draws step noise between a member's network calls, so only
+      one member at a time reproduces the one-at-a-time noise: 1;
+    * with a memory plan (``--memory-budget``) the simulator picks the largest batch that
+      fits the budget with the plan's settings (:func:`~patchddm_fast.analysis.planner.max_sample_batch`);
+    * otherwise :data:`DEFAULT_MEMBER_BATCH` for the device type.
+    """
+    stochastic = eta != 0 and sampler == "ddim"
+    if requested is not None:
+        if stochastic and requested > 1:
+            raise ValueError(f"member_batch = {requested} needs eta = 0: stochastic DDIM (eta = {eta}) samples "
+                             f"one member at a time so its step noise matches the sequential run")
+        return max(1, min(int(requested), ensemble))
+    if stochastic or ensemble == 1:
+        return 1
+    if plan is not None and model is not None:
+        from patchddm_fast.analysis.planner import max_sample_batch
+
+        return max_sample_batch(plan, model, method, size, ensemble)
+    return max(1, min(DEFAULT_MEMBER_BATCH.get(torch.device(device).type, 1), ensemble))
+
+
+def size_multiple_of(model: torch.nn.Module) -> int:
+    return int(getattr(model, "size_multiple", 1))
+
+
+def mask_channels_of(model: torch.nn.Module) -> int:
+    """Channels of the diffused mask: the network's output channels (1, or 3 for regions)."""
+    return int(getattr(model, "config", {}).get("out_channels", 1))
+
+
+@torch.no_grad()
+def segment_volume(
+    model: torch.nn.Module,
+    diffusion: Diffusion,
+    image: torch.Tensor,
+    *,
+    method: str,
+    ensemble: int = 5,
+    steps: int = 20,
+    seed: int = 0,
+    threshold: float = 0.5,
+    eta: float = 0.0,
+    progress: bool = True,
+    desc: str = "",
+    keep_samples: bool = False,
+    autocast: Optional[contextlib.AbstractContextManager] = None,
+    memory_budget: Union[str, int, None] = None,
+    members: Optional[Sequence[int]] = None,
+    sampler: str = DEFAULT_SAMPLER,
+    member_batch: Optional[int] = None,
+) -> SegmentationResult:
+    """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
+
+    Args:
+        method: "patchddm", "halfres" or "fullres" -- must match how the model was trained.
+        ensemble: number of samples N (each from its own initial noise).
+        steps: DDIM steps per sample (PAPER.md: about 20 match 1000).
+        seed: the ensemble is a deterministic function of this seed.
+        progress: show a tqdm bar over ensemble x steps with an ETA.
+        autocast: optional context manager (e.g. from :mod:`patchddm_fast.model.execution.precision`)
+            wrapped around every network evaluation; fp32 when omitted (as the paper).
+        memory_budget: GPU memory to stay within, e.g. "8GB": the planner
+            (:func:`patchddm_fast.analysis.planner.planned_inference`) picks ops, precision,
+            skip offload and tiling for this volume; its precision is used unless
+            ``autocast`` is given.  A CUDA out-of-memory error is answered with the
+            planner's suggestion either way.  With a budget the planner also picks how many
+            ensemble members run as one batch (:func:`member_batch_for`).
+        members: compute only these ensemble members (0-based, of ``ensemble``); the
+            others' random draws are made and discarded without the network, so member k
+            is bit-identical to member k of the full ensemble.  mean/var/mask then describe
+            only these members (the distributed predictor reduces them over ranks).
+        sampler: "ddim" (the paper), "dpmpp2m" or "heun" (:mod:`patchddm_fast.diffusion.samplers`);
+            ``steps`` are its solver steps (Heun evaluates the network 2 * steps - 1 times).
+        member_batch: ensemble members per network batch; None lets :func:`member_batch_for`
+            choose.  Each member's initial noise is drawn from the seeded generator in member
+            order exactly as one-at-a-time sampling draws it, so batching changes no noise.
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    if members is not None and any(not 0 <= int(m) < ensemble for m in members):
+        raise ValueError(f"members must lie in [0, {ensemble}), got {list(members)}")
+    check_sampler(sampler)
+    if member_batch is not None and member_batch < 1:
+        raise ValueError(f"member_batch must be >= 1, got {member_batch}")
+    param = next(model.parameters())
+    device = param.device
+    flush_denormals_on_cpu(device)
+    shape = tuple(image.shape[-3:])
+    factor = 2 if method == "halfres" else 1
+    padded, pad_spec = pad_to_multiple(image.to(device), size_multiple_of(model) * factor)
+    cond = condition(padded, method)[None]
+    channels = mask_channels_of(model)
+    grid = (1, channels, *cond.shape[-3:])
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    planned = contextlib.nullcontext((None, None))
+    if memory_budget is not None:
+        from patchddm_fast.analysis.planner import planned_inference
+
+        planned = planned_inference(model, memory_budget, method, max(cond.shape[-3:]))
+    samples = []
+    chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
+    evals = nfe(sampler, steps)
+    bar = tqdm(total=len(chosen) * evals, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
+    try:
+        with planned as (the_plan, precision):
+            ctx, net_cond = autocast, cond
+            if autocast is None and precision is not None:
+                # Hold the conditioning in the compute dtype, as the planner's simulation does: under
+                # autocast the first convolution casts its input to that dtype anyway (bit-identical).
+                ctx, net_cond = precision.autocast(), cond.to(precision.dtype)
+            ctx = ctx if ctx is not None else contextlib.nullcontext()
+
+            def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                c = net_cond if x_t.shape[0] == 1 else net_cond.expand(x_t.shape[0], *net_cond.shape[1:])
+                with ctx:
+                    return model(network_input(c, x_t.to(net_cond.dtype)), t).float()
+
+            batch = member_batch_for(len(chosen), eta=eta, sampler=sampler, device=device, requested=member_batch,
+                                     plan=the_plan, model=model, method=method, size=max(cond.shape[-3:]))
+            # Stochastic DDIM draws step noise between a member's network calls: such members run
+            # one at a time, right after their initial noise, as the sequential sampler draws them.
+            stochastic = eta != 0 and sampler == "ddim"
+            queue: List[Tuple[int, torch.Tensor]] = []
+
+            def run_queue() -> None:
+                x = None
+                for i, x in enumerate(sample_loop(diffusion, sampler, eps_model, torch.cat([n for _, n in queue]),
+                                                  steps, eta=eta, generator=generator)):
+                    bar.update(len(queue) * (2 if sampler == "heun" and i + 1 < steps else 1))
+                if not bool(torch.isfinite(x).all()):
+                    raise NonFiniteSampleError(
+                        f"{desc or 'sampling'}: the network produced non-finite values (NaN/Inf) in ensemble member(s) "
+                        f"{[m + 1 for m, _ in queue]}; the model's weights are damaged or its training diverged")
+                if factor > 1:
+                    x = F.interpolate(x, scale_factor=factor, mode="nearest")
+                samples.extend(unpad(x[k] if channels > 1 else x[k, 0], pad_spec).cpu() for k in range(len(queue)))
+                queue.clear()
+
+            for member in range(ensemble):
+                # Member by member from the one generator: the draws one-at-a-time sampling makes.
+                noise = torch.randn(grid, generator=generator, device=device, dtype=torch.float32)
+                if member not in chosen:
+                    if stochastic:  # same draws, no network: keeps later members' noise
+                        for _ in sample_loop(diffusion, sampler, lambda x_t, t: torch.zeros_like(x_t), noise, steps,
+                                             eta=eta, generator=generator):
+                            pass
+                    continue
+                bar.set_postfix(sample=f"{member + 1}/{ensemble}")
+                queue.append((member, noise))
+                if stochastic or len(queue) == batch:
+                    run_queue()
+            if queue:
+                run_queue()
+    except torch.cuda.OutOfMemoryError as exc:
+        from patchddm_fast.analysis import oom_advice
+
+        raise RuntimeError(oom_advice(exc, preset=method, mode="sample", size=max(cond.shape[-3:]))) from exc
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not samples:  # a rank with no members of this ensemble
+        empty = torch.zeros((0, *((channels,) if channels > 1 else ()), *shape))
+        return SegmentationResult(mean=empty.sum(0), var=empty.sum(0), mask=empty.sum(0) > threshold,
+                                  samples=empty if keep_samples else None)
+    stack = torch.stack(samples)
+    assert tuple(stack.shape[-3:]) == shape, (stack.shape, shape)
+    mean = stack.mean(0)
+    var = stack.var(0, unbiased=False)
+    mask = mean > threshold if channels == 1 else nest_regions(mean > threshold)
+    return SegmentationResult(mean=mean, var=var, mask=mask, samples=stack if keep_samples else None)
