@@ -21,6 +21,7 @@ import torch
 
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.diffusion.steps import eval_inputs, network_eval, train_inputs, train_step
+from patchddm_fast.model.execution.policy import ExecutionPolicy
 from patchddm_fast.model.unet import UNet3D
 from patchddm_fast.model.execution.precision import resolve_precision
 
@@ -41,9 +42,9 @@ def flush_denormals():
     torch.set_flush_denormal(old)
 
 
-def _model(ops: str, checkpoint: str) -> UNet3D:
+def _model(ops: str, recompute: str) -> UNet3D:
     torch.manual_seed(0)  # identical weights for every recipe
-    return UNet3D.from_preset(PRESET, ops=ops, checkpoint=checkpoint)
+    return UNet3D.from_preset(PRESET, policy=ExecutionPolicy(ops=ops, recompute=recompute))
 
 
 def _timed(fn: Callable[[], object], into: List[float]) -> None:

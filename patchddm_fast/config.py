@@ -176,7 +176,7 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     from patchddm_fast.data.layouts import LAYOUTS
     from patchddm_fast.model.execution.offload import OFFLOAD_MODES
     from patchddm_fast.model.backend import OPS_BACKENDS
-    from patchddm_fast.model.unet import CHECKPOINT_MODES
+    from patchddm_fast.model.unet import RECOMPUTE_MODES
     from patchddm_fast.model.execution.precision import PRECISIONS
     from patchddm_fast.data.regions import CONVENTIONS, TARGETS
     from patchddm_fast.training.trainer import LR_SCHEDULES
@@ -190,7 +190,7 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
         if key in d:
             out[key] = v.check_int(d[key], key, src(key), lo=lo)
     choices = dict(method=METHODS, layout=("auto",) + tuple(LAYOUTS), patch_distribution=OFFSET_DISTRIBUTIONS,
-                   lr_schedule=LR_SCHEDULES, precision=PRECISIONS, ops=OPS_BACKENDS, checkpoint=CHECKPOINT_MODES,
+                   lr_schedule=LR_SCHEDULES, precision=PRECISIONS, ops=OPS_BACKENDS, checkpoint=RECOMPUTE_MODES,
                    offload=OFFLOAD_MODES)
     for key, allowed in choices.items():
         if key in d:

@@ -1,18 +1,19 @@
 """Checkpointing, offload and tiled inference change memory, never results.
 
-Reference: the plain graph of the same network (checkpoint="none", no offload), fresh
+Reference: the plain graph of the same network (recompute="none", no offload), fresh
 random weights (the zero-initialised output convolutions re-drawn so every gradient is
 non-trivial) and a random upstream gradient.
 """
 import pytest
 import torch
 
-from patchddm_fast.model.execution.offload import CpuStore, configure
+from patchddm_fast.model.execution.offload import CpuStore
+from patchddm_fast.model.execution.policy import ExecutionPolicy
 from patchddm_fast.analysis.simulate import mkldnn_disabled
-from patchddm_fast.model.unet import CHECKPOINT_MODES, UNet3D, count_parameters
+from patchddm_fast.model.unet import RECOMPUTE_MODES, UNet3D, count_parameters
 
 TINY = dict(in_channels=5, base_width=8, channel_mult=(1, 2, 2), groups=4)
-MODES = [m for m in CHECKPOINT_MODES if m != "none"]
+MODES = [m for m in RECOMPUTE_MODES if m != "none"]
 
 
 def _fused_available():
@@ -26,9 +27,9 @@ def _fused_available():
 OPS = ["reference"] + (["fused"] if _fused_available() else [])
 
 
-def _model(ops, checkpoint="none"):
+def _model(ops, recompute="none"):
     torch.manual_seed(0)
-    m = UNet3D(**TINY, ops=ops, checkpoint=checkpoint)
+    m = UNet3D(**TINY, policy=ExecutionPolicy(ops=ops, recompute=recompute))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.2)
@@ -72,7 +73,8 @@ def test_checkpointing_casts_like_autocast_bf16(ops):
 @pytest.mark.parametrize("offload,mode", [("skips", "none"), ("all", "block"), ("all", "level")])
 def test_offloaded_training_gives_the_same_gradients(offload, mode):
     ref = _grads(_model("reference"))
-    model = configure(_model("reference", mode), offload=offload, store=CpuStore(), min_bytes=0)
+    policy = ExecutionPolicy(recompute=mode, offload=offload, offload_min_bytes=0)
+    model = _model("reference").apply_policy(policy, store=CpuStore())
     # a skip's gradient now arrives through host memory: accumulated in another order
     _assert_same(_grads(model), ref, rtol=1e-5)
 
@@ -89,20 +91,24 @@ def test_tiled_inference_matches_the_plain_forward(ops, offload, monkeypatch):
     with torch.no_grad():
         ref = model(x, t)
         for rows in (1, None):  # 1: every in-place slab overwrites rows the next one needs
-            configure(model, offload=offload, tiled=True, store=CpuStore(), slab_rows=rows)
+            model.apply_policy(ExecutionPolicy(ops=ops, offload=offload, tiled=True, slab_rows=rows), store=CpuStore())
             out = model(x, t)
             assert (out - ref).abs().max() <= 2e-6 * ref.abs().max()
-        configure(model)
+        model.apply_policy(ExecutionPolicy(ops=ops))
+        assert torch.equal(model(x, t), ref)
 
 
 def test_parameter_count_is_unchanged_by_every_mode():
     with torch.device("meta"):
-        for mode in CHECKPOINT_MODES:
-            assert count_parameters(UNet3D.from_preset("patchddm", checkpoint=mode)) == 24_260_299
+        for mode in RECOMPUTE_MODES:
+            policy = ExecutionPolicy(recompute=mode)
+            assert count_parameters(UNet3D.from_preset("patchddm", policy=policy)) == 24_260_299
 
 
 def test_unknown_modes_are_rejected():
-    with pytest.raises(ValueError, match="checkpoint must be one of"):
-        UNet3D(**TINY, checkpoint="blocks")
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        UNet3D(**TINY, policy=ExecutionPolicy(recompute="blocks"))
     with pytest.raises(ValueError, match="offload must be one of"):
-        configure(UNet3D(**TINY), offload="disk")
+        UNet3D(**TINY).apply_policy(ExecutionPolicy(offload="disk"))
+    with pytest.raises(ValueError, match="ops must be one of"):
+        UNet3D(**TINY).apply_policy(ExecutionPolicy(ops="triton"))

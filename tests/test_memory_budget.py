@@ -12,6 +12,7 @@ from patchddm_fast import Trainer
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.analysis import simulate
 from patchddm_fast.analysis.planner import DEFAULT_HEADROOM, planner_arch
+from patchddm_fast.model.execution.policy import ExecutionPolicy
 from patchddm_fast.model.unet import ResBlock, UNet3D
 from patchddm_fast.sampling.segment import segment_volume
 from test_trainer import TINY_MODEL, random_cases, tiny_config
@@ -69,14 +70,14 @@ def test_sampler_with_a_tight_budget_offloads_and_gives_the_same_result():
     original_forward = model.forward
 
     def spy(x, t):  # record what the network runs with during the budgeted sampling
-        seen.append(model.offload)
+        seen.append(model.policy)
         return original_forward(x, t)
 
     model.forward = spy
     budgeted = segment_volume(model, diffusion, image, memory_budget=budget, **kw)
     model.forward = original_forward
-    assert seen and all(h is not None and h.mode == "skips" for h in seen)
-    assert model.offload is None and model.ops == "reference"  # restored afterwards
+    assert seen and all(p.offload == "skips" for p in seen)
+    assert model.policy == ExecutionPolicy()  # restored afterwards
     torch.testing.assert_close(budgeted.mean, reference.mean, rtol=1e-4, atol=1e-4)
 
 
@@ -99,7 +100,7 @@ def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identica
     model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].dtype))
     planned = segment_volume(model, Diffusion(), image, memory_budget="80GB", **kw)
     assert inputs and set(inputs) == {torch.bfloat16}
-    model.set_ops("fused")  # what the plan ran with
+    model.apply_policy(ExecutionPolicy(ops="fused"))  # what the plan ran with
     fp32_cond = segment_volume(model, Diffusion(), image, autocast=torch.autocast("cpu", dtype=torch.bfloat16), **kw)
     assert torch.equal(planned.mean, fp32_cond.mean)
 

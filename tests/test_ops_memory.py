@@ -83,12 +83,14 @@ def test_fused_block_drops_normalised_tensors(dtype):
     assert ref_bytes - fused_bytes >= normalised - emb
 
 
-def _block_saved_bytes(ops_name: str, checkpoint: str) -> int:
+def _block_saved_bytes(ops_name: str, recompute: str) -> int:
     """Saved bytes (unique storages, parameters excluded) of one real network ResBlock in training."""
     from patchddm_fast.model.unet import UNet3D
+    from patchddm_fast.model.execution.policy import ExecutionPolicy
 
     torch.manual_seed(0)
-    net = UNet3D(in_channels=5, base_width=C, channel_mult=(1, 1), groups=GROUPS, ops=ops_name, checkpoint=checkpoint)
+    net = UNet3D(in_channels=5, base_width=C, channel_mult=(1, 1), groups=GROUPS,
+                 policy=ExecutionPolicy(ops=ops_name, recompute=recompute))
     block = net.encoder[0].blocks[0]
     x = torch.randn(N, C, *SPATIAL, requires_grad=True)
     emb_act = torch.randn(N, block.emb_proj.in_features, requires_grad=True)

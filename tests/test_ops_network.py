@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from patchddm_fast import kernels as ops
+from patchddm_fast.model import ExecutionPolicy
 
 
 def _cpp_available() -> bool:
@@ -32,7 +33,7 @@ def test_fused_network_matches_reference(tiny_unet_factory, backend):
     with torch.no_grad():
         for p in ref_net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0))
-    fused_net = copy.deepcopy(ref_net).set_ops("fused")
+    fused_net = copy.deepcopy(ref_net).apply_policy(ExecutionPolicy(ops="fused"))
     x = torch.randn(2, 5, 8, 8, 8, generator=g)
     t = torch.tensor([3, 700])
     outputs, grads = [], []

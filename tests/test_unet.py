@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from patchddm_fast import UNet3D
-from patchddm_fast.model import count_parameters, timestep_embedding
+from patchddm_fast.model import ExecutionPolicy, count_parameters, timestep_embedding
 
 
 @pytest.mark.parametrize("preset,expected", [("patchddm", 24_260_299), ("fullres", 24_257_950), ("halfres", 24_257_950)])
@@ -72,7 +72,7 @@ def test_checkpointing_matches_plain_gradients(tiny_unet_factory, mode):
     x = torch.randn(1, 5, 8, 8, 8)
     grads = []
     for ckpt in ("none", mode):
-        m = tiny_unet_factory(checkpoint=ckpt)
+        m = tiny_unet_factory(policy=ExecutionPolicy(recompute=ckpt))
         torch.nn.init.normal_(m.conv_out.weight, std=0.1)  # make every gradient non-trivial
         for blk in m.modules():
             if hasattr(blk, "conv2"):

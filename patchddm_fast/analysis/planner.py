@@ -238,21 +238,19 @@ def planned_inference(model: Any, gpu_memory: Union[str, int, float], method: st
     the simulator holds the conditioning in its ``dtype``, so the caller should too).
     Raises ``RuntimeError`` with the planner's explanation when nothing fits.
     """
-    from patchddm_fast.model.execution.offload import configure
     from patchddm_fast.model.execution.precision import resolve_precision
 
     p = plan(gpu_memory, preset=method, mode="sample", size=size, model_kwargs=planner_arch(model.config))
     if not p.fits:
         raise RuntimeError(p.format_text())
     device = next(model.parameters()).device
-    old_ops, old_offload = model.ops, model.offload
-    model.set_ops(p.settings["ops"])
-    configure(model, offload=p.settings["offload"], tiled=p.settings["tiled"])
+    old_policy = model.policy
+    model.apply_policy(dataclasses.replace(old_policy, ops=p.settings["ops"], offload=p.settings["offload"],
+                                           tiled=p.settings["tiled"]))
     try:
         yield p, resolve_precision(p.settings["precision"], device)
     finally:
-        model.set_ops(old_ops)
-        model.set_offload(old_offload)
+        model.apply_policy(old_policy)
 
 
 def max_sample_batch(p: Plan, model: Any, method: str, size: int, limit: int) -> int:

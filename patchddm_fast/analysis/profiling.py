@@ -63,8 +63,8 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     ``overrides`` are the simulator's settings (precision, checkpoint, offload, ops, tiled);
     precision "auto"/unset resolves for this GPU (bf16 on Ampere+).
     """
-    from patchddm_fast.model.execution.offload import configure
-    from patchddm_fast.analysis.simulate import DEFAULT_SIZES, recipe_settings, reference_code_order
+    from patchddm_fast.model.execution.policy import ExecutionPolicy
+    from patchddm_fast.analysis.simulate import DEFAULT_SIZES, recipe_settings
     from patchddm_fast.model.unet import UNet3D
     from patchddm_fast.model.execution.precision import resolve_precision
 
@@ -78,8 +78,8 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     torch.cuda.init()
     sampler = NvmlSampler(device.index, interval_s)
     before = sampler.read()
-    model = configure(UNet3D.from_preset(preset, ops=s.ops, checkpoint=s.checkpoint).to(device),
-                      offload=s.offload, tiled=s.tiled)
+    policy = ExecutionPolicy(ops=s.ops, recompute=s.checkpoint, offload=s.offload, tiled=s.tiled)
+    model = UNet3D.from_preset(preset, policy=policy).to(device)
     cin = model.config["in_channels"]
     gen = torch.Generator(device=device).manual_seed(0)
     times: List[float] = []
@@ -87,8 +87,7 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     torch.cuda.reset_peak_memory_stats(device)
     sampler.start()
     try:
-        with reference_code_order(recipe == "paper" and s.ops == "reference"):  # as the simulator models it
-            _run_workload(mode, model, precision, s, cin, size, batch, steps, sampling_steps, device, gen, times)
+        _run_workload(mode, model, precision, s, cin, size, batch, steps, sampling_steps, device, gen, times)
     finally:
         nvml_peak = sampler.stop()
     steady = times[1:] or times

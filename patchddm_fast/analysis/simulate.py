@@ -95,34 +95,6 @@ def recipe_settings(recipe: str, mode: str, **overrides: Any) -> Settings:
     return dataclasses.replace(base, **over)
 
 
-def reference_code_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                                   eps: float = 1e-5, bias_in: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The reference code's order: ``GroupNorm32`` (x.float() -> GN -> back to x.dtype), then
-    ``nn.SiLU`` in x's dtype.  (The ops backend's reference op applies SiLU *before* casting
-    back; under fp16 autocast that keeps SiLU's input in fp32, 2 more bytes per element.)"""
-    import torch.nn.functional as F
-
-    if bias_in is not None:
-        x = x + bias_in.reshape(*bias_in.shape, *([1] * (x.dim() - 2))).to(x.dtype)
-    return F.silu(F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype))
-
-
-@contextlib.contextmanager
-def reference_code_order(enabled: bool):
-    """Within the simulation of the paper recipe, run reference ops in the reference code's order."""
-    from patchddm_fast.model import backend
-
-    if not enabled:
-        yield
-        return
-    original = backend.reference_group_norm_silu
-    backend.reference_group_norm_silu = reference_code_group_norm_silu
-    try:
-        yield
-    finally:
-        backend.reference_group_norm_silu = original
-
-
 @contextlib.contextmanager
 def mkldnn_disabled():
     """oneDNN off (``torch.backends.mkldnn.enabled``), restored afterwards; no TF32 warning."""
@@ -155,14 +127,14 @@ class _SimScaler:
 def _check(preset: str, mode: str, size: int, settings: Settings, batch: int) -> None:
     from patchddm_fast.model.execution.offload import OFFLOAD_MODES
     from patchddm_fast.model.backend import check_backend
-    from patchddm_fast.model.unet import CHECKPOINT_MODES, PRESETS
+    from patchddm_fast.model.unet import RECOMPUTE_MODES, PRESETS
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if settings.precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16, bf16 or auto, got {settings.precision!r}")
-    if settings.checkpoint not in CHECKPOINT_MODES:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {settings.checkpoint!r}")
+    if settings.checkpoint not in RECOMPUTE_MODES:
+        raise ValueError(f"checkpoint must be one of {RECOMPUTE_MODES}, got {settings.checkpoint!r}")
     if settings.offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {settings.offload!r}")
     if settings.input_dtype not in ("fp32", "compute"):
@@ -264,7 +236,8 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from patchddm_fast.diffusion.schedule import Diffusion
-    from patchddm_fast.model.execution.offload import Offload, SimulatedHostStore
+    from patchddm_fast.model.execution.offload import SimulatedHostStore
+    from patchddm_fast.model.execution.policy import ExecutionPolicy
     from patchddm_fast.diffusion.steps import eval_inputs, network_eval, train_inputs, train_step
     from patchddm_fast.model.unet import UNet3D
     from patchddm_fast.model.execution.precision import NoScaler, Precision
@@ -276,22 +249,22 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
     tracker = MemoryTracker()
     # mkldnn off: the CPU-only oneDNN convolution path of the ops backend has no fake kernel,
     # and a GPU runs F.conv3d (cuDNN) anyway.
-    paper_order = recipe == "paper" and settings.ops == "reference"
-    if paper_order:
+    if settings.ops == "reference":  # the backend's reference op is the reference code's order
         notes.append("GroupNorm-SiLU in the reference code's order (GroupNorm32 then nn.SiLU in the activation dtype)")
     if settings.input_dtype == "compute" and settings.precision != "fp32":
         notes.append("the sampler holds the conditioning in the compute dtype (bit-identical under autocast)")
     if settings.precision == "fp16" and mode == "train":
         notes.append("GradScaler modelled as the scaled loss (its other state is a few scalars)")
-    with FakeTensorMode(allow_non_fake_inputs=True), mkldnn_disabled(), reference_code_order(paper_order):
-        model = UNet3D.from_preset(preset, ops=settings.ops, checkpoint=settings.checkpoint, **model_kwargs)
+    with FakeTensorMode(allow_non_fake_inputs=True), mkldnn_disabled():
+        model = UNet3D.from_preset(preset, **model_kwargs)
         if model.size_multiple and size % model.size_multiple:
             raise ValueError(f"size {size} must be a multiple of {model.size_multiple} for this network")
         cin = model.config["in_channels"]
         cmask = model.config["out_channels"]  # diffused mask channels: 1, or 3 for WT/TC/ET regions
         in_dtype = precision.dtype if settings.input_dtype == "compute" else torch.float32
-        if settings.offload != "none" or settings.tiled:
-            model.set_offload(Offload(settings.offload, store=SimulatedHostStore(tracker), tiled=settings.tiled))
+        policy = ExecutionPolicy(ops=settings.ops, recompute=settings.checkpoint, offload=settings.offload,
+                                 tiled=settings.tiled)
+        model.apply_policy(policy, store=SimulatedHostStore(tracker))
         tracker.register(model.parameters(), WEIGHTS)
         tracker.register(model.buffers(), WEIGHTS)
         if ddp:

@@ -5,8 +5,9 @@ exist between GroupNorm, SiLU and the convolution, and on the skip average.  The
 network therefore never calls ``F.group_norm``/``F.silu`` or ``(h + s) / 2`` directly:
 it asks this module, which routes to
 
-* ``"reference"`` -- plain PyTorch, numerically the paper's code (GroupNorm in fp32,
-  then cast back to the input dtype, exactly like guided-diffusion's ``GroupNorm32``);
+* ``"reference"`` -- plain PyTorch in the paper's code's order: GroupNorm in fp32, cast
+  back to the input dtype (guided-diffusion's ``GroupNorm32``), then ``nn.SiLU`` in that
+  dtype -- so the memory simulator and the profiler model the paper recipe as it ran;
 * ``"fused"`` -- the custom ops of :mod:`patchddm_fast.kernels` (Triton on CUDA, C++/composite
   on CPU), which save only the input and per-group statistics for backward and average
   skips in place.
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from patchddm_fast import kernels as fused_ops
 from patchddm_fast.kernels import conv3d_cpu as cpu_conv
 
 OPS_BACKENDS = ("reference", "fused")
@@ -37,15 +39,16 @@ def reference_group_norm_silu(
     eps: float = 1e-5,
     bias_in: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """SiLU(GroupNorm(x + bias_in)) computed in fp32 and cast back to ``x.dtype``.
+    """SiLU(GroupNorm(x + bias_in)) in the reference code's order: ``GroupNorm32`` (GroupNorm
+    of ``x.float()``, cast back to ``x.dtype``), then SiLU in ``x.dtype``.
 
     ``bias_in`` is an optional (N, C) per-sample, per-channel bias added before the
-    normalisation (the residual block's time-embedding projection).
+    normalisation (the residual block's time-embedding projection).  In fp32 the cast is a
+    no-op; in fp16/bf16 SiLU rounds in the low precision, as the paper's code did.
     """
     if bias_in is not None:
         x = x + bias_in.reshape(*bias_in.shape, *([1] * (x.dim() - 2))).to(x.dtype)
-    y = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)
-    return F.silu(y).to(x.dtype)
+    return F.silu(F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype))
 
 
 def reference_average_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -55,16 +58,12 @@ def reference_average_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 
 def group_norm_silu(ops: str, x, weight, bias, groups, eps=1e-5, bias_in=None) -> torch.Tensor:
     if ops == "fused":
-        from patchddm_fast import kernels as fused_ops
-
         return fused_ops.group_norm_silu(x, weight, bias, groups, eps=eps, bias_in=bias_in)
     return reference_group_norm_silu(x, weight, bias, groups, eps, bias_in)
 
 
 def average_skip(ops: str, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     if ops == "fused":
-        from patchddm_fast import kernels as fused_ops
-
         return fused_ops.average_skip_(h, skip)
     return reference_average_skip(h, skip)
 
@@ -76,8 +75,6 @@ def residual_add(ops: str, h: torch.Tensor, shortcut: torch.Tensor) -> torch.Ten
     mixed dtypes (possible under autocast) take the out-of-place sum.
     """
     if ops == "fused" and h.dtype == shortcut.dtype and h.shape == shortcut.shape:
-        from patchddm_fast import kernels as fused_ops
-
         return fused_ops.residual_add_(h, shortcut)
     return shortcut + h
 

@@ -2,19 +2,28 @@
 
 Structure is exactly the paper's: no attention, averaging skips, 2 encoder / 3 decoder
 residual blocks per level, 29 GroupNorm groups, zero-initialised output convolutions.
-What we add is *how* it runs: the GroupNorm-SiLU pairs and skip averages go through
-:mod:`patchddm_fast.model.backend` (``ops="reference"`` is the paper's code,
-``ops="fused"`` our custom ops), and ``checkpoint`` trades recompute for activation
-memory at the granularity of one residual block or one whole level, or selectively
-(GroupNorm-SiLU and upsampling recomputed, convolution outputs kept; see
-:mod:`patchddm_fast.model.execution.recompute`).  ``set_offload`` installs the hooks of
-:mod:`patchddm_fast.model.execution.offload` (skips and saved activations in host memory).
+What we add is *how* it runs, given as one :class:`~patchddm_fast.model.execution.policy.ExecutionPolicy`
+(``UNet3D(..., policy=...)`` or :meth:`UNet3D.apply_policy`):
+
+* ``ops``: the GroupNorm-SiLU pairs and skip averages go through
+  :mod:`patchddm_fast.model.backend` (``"reference"`` is the paper's code, ``"fused"`` our
+  custom ops);
+* ``recompute``: trades recompute for activation memory at the granularity of one residual
+  block or one whole level, or selectively (GroupNorm-SiLU and upsampling recomputed,
+  convolution outputs kept; see :mod:`patchddm_fast.model.execution.recompute`);
+* ``offload``: skips and saved activations in host memory
+  (:mod:`patchddm_fast.model.execution.offload`);
+* ``tiled``: no-grad inference through the slab-wise executor
+  (:mod:`patchddm_fast.model.execution.tiled`).
+
+The network's structure is written once, as :attr:`UNet3D.stages`: the ordered list the
+plain forward iterates and the tiled executor walks.
 """
 from __future__ import annotations
 
 import math
 import contextlib
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +31,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from patchddm_fast.model import backend
+from patchddm_fast.model.execution.offload import CpuStore, Offload, check_offload
+from patchddm_fast.model.execution.policy import ExecutionPolicy
+from patchddm_fast.model.execution.recompute import block_conv2, prep_conv
+from patchddm_fast.model.execution.skips import SkipStack
+from patchddm_fast.model.execution.tiled import tiled_forward
 
 # none: plain autograd.
 # selective: every GroupNorm-SiLU -> conv pair and every upsample -> conv pair saves only
@@ -30,7 +44,13 @@ from patchddm_fast.model import backend
 #   its first convolution (never the second) -- half a block of recompute.
 # level: block, and each encoder level saves only its input: its skips are freed as soon
 #   as the decoder has consumed them, and backward recomputes the level.
-CHECKPOINT_MODES = ("none", "selective", "block", "level")
+RECOMPUTE_MODES = ("none", "selective", "block", "level")
+
+
+def check_recompute(mode: str) -> str:
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    return mode
 
 PRESETS = {
     # PAPER.md: t1, t1ce, t2, flair, 3 coordinate channels, noisy mask.
@@ -71,16 +91,10 @@ class NormAct(nn.GroupNorm):
         return backend.group_norm_silu(self.ops, x, self.weight, self.bias, self.num_groups, self.eps, bias_in)
 
 
-def _prep_conv(prep, conv, inputs, prep_params=()):
-    from patchddm_fast.model.execution.recompute import prep_conv
-
-    return prep_conv(prep, conv, inputs, prep_params)
-
-
 class ResBlock(nn.Module):
     """GN-SiLU-Conv, + Linear(SiLU(emb)) as channel bias, GN-SiLU-Dropout-Conv(zero init), + shortcut.
 
-    ``recompute`` (set by ``UNet3D.set_checkpoint``): "none"; "selective" -- each
+    ``recompute`` (set by ``UNet3D.apply_policy``): "none"; "selective" -- each
     GN-SiLU -> conv pair saves only its input; "block" -- the whole block saves only its
     input and the time bias (see :mod:`patchddm_fast.model.execution.recompute`).
     """
@@ -108,12 +122,10 @@ class ResBlock(nn.Module):
     def _forward_recompute(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
         n1, n2 = self.norm1, self.norm2
         if self.recompute == "selective":
-            h = _prep_conv(n1, self.conv1, [x], [n1.weight, n1.bias])
+            h = prep_conv(n1, self.conv1, [x], [n1.weight, n1.bias])
             bias = self.emb_proj(emb_act).to(h.dtype)
-            h = _prep_conv(lambda h, b: self.dropout(n2(h, bias_in=b)), self.conv2, [h, bias], [n2.weight, n2.bias])
+            h = prep_conv(lambda h, b: self.dropout(n2(h, bias_in=b)), self.conv2, [h, bias], [n2.weight, n2.bias])
         else:
-            from patchddm_fast.model.execution.recompute import block_conv2
-
             h = block_conv2(self, x, self.emb_proj(emb_act))
         return backend.residual_add(self.norm1.ops, h, self.shortcut(x))
 
@@ -128,15 +140,15 @@ def _upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 
 class Upsample(nn.Module):
-    recompute_norms: bool = False  # recompute the nearest upsampling in backward, save the low-res input
+    recompute_upsample: bool = False  # recompute the nearest upsampling in backward, save the low-res input
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = backend.Conv3d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute_norms:
-            return _prep_conv(_upsample2x, self.conv, [x])
+        if self.recompute_upsample:
+            return prep_conv(_upsample2x, self.conv, [x])
         return self.conv(_upsample2x(x))
 
 
@@ -188,29 +200,17 @@ class DecoderLevel(nn.Module):
         return h
 
 
-class SkipStack:
-    """The encoder's skips, kept on the device (the default skip store).
+class Stage(NamedTuple):
+    """One step of the U-Net's forward, in order: ``kind`` is "input" (conv_in; its output
+    is the first skip), "encoder" (an :class:`EncoderLevel`; pushes its skips), "middle" (a
+    :class:`ResBlock`), "decoder" (a :class:`DecoderLevel`; pops one skip per block) or
+    "output" (out_norm, conv_out).  ``modules`` are the stage's modules."""
 
-    An offload handler (``UNet3D.set_offload``) may supply another store with the same
-    three methods, e.g. one that moves skips to host memory and fetches them back.
-    """
+    kind: str
+    modules: Tuple[nn.Module, ...]
 
-    def __init__(self) -> None:
-        self._items: List[torch.Tensor] = []
 
-    def push(self, t: torch.Tensor) -> None:
-        self._items.append(t)
-
-    def pop(self) -> torch.Tensor:
-        return self._items.pop()
-
-    def take(self, n: int, lazy: bool) -> Iterable[torch.Tensor]:
-        """The next ``n`` skips in decoder order; ``lazy``: popped one at a time as the
-        decoder consumes them, so each dies right after its block (a list would keep all
-        ``n`` alive until the level ends)."""
-        if lazy:
-            return (self.pop() for _ in range(n))
-        return [self.pop() for _ in range(n)]
+STAGE_KINDS = ("input", "encoder", "middle", "decoder", "output")
 
 
 def _maybe_checkpoint(fn, enabled: bool, *args):
@@ -233,12 +233,13 @@ class UNet3D(nn.Module):
         groups: GroupNorm groups everywhere.
         skip: ``"average"`` (the paper: h = (h + skip)/2) or ``"concat"`` (the usual U-Net,
             for the paper's ablation; decoder blocks then see the summed width).
-        ops: ``"reference"`` or ``"fused"`` (see :mod:`patchddm_fast.model.backend`).
-        checkpoint: ``"none"``; ``"selective"`` (GroupNorm-SiLU and upsampling recomputed in
-            backward, no convolution recomputed); ``"block"`` (each residual block keeps only
-            its input; backward recomputes its first convolution); ``"level"`` (block, and each
-            encoder level keeps only its input and is recomputed in backward).  See
-            ``CHECKPOINT_MODES`` and :mod:`patchddm_fast.model.execution.recompute`.
+        policy: how the network runs (:class:`ExecutionPolicy`; default: the reference ops,
+            no recompute, no offload, no tiling).  Its ``recompute`` is ``"none"``;
+            ``"selective"`` (GroupNorm-SiLU and upsampling recomputed in backward, no
+            convolution recomputed); ``"block"`` (each residual block keeps only its input;
+            backward recomputes its first convolution); ``"level"`` (block, and each encoder
+            level keeps only its input and is recomputed in backward).  See
+            ``RECOMPUTE_MODES`` and :mod:`patchddm_fast.model.execution.recompute`.
     """
 
     def __init__(
@@ -255,8 +256,7 @@ class UNet3D(nn.Module):
         time_freq_dim: Optional[int] = None,
         dropout: float = 0.0,
         skip: str = "average",
-        ops: str = "reference",
-        checkpoint: str = "none",
+        policy: Optional[ExecutionPolicy] = None,
     ):
         super().__init__()
         if skip not in ("average", "concat"):
@@ -312,9 +312,16 @@ class UNet3D(nn.Module):
             self.decoder.append(DecoderLevel(blocks, up, skip))
         self.out_norm = NormAct(groups, ch)
         self.conv_out = zero_module(backend.Conv3d(ch, out_channels, 3, padding=1))
-        self.set_ops(ops)
-        self.set_checkpoint(checkpoint)
-        self.offload: Any = None
+        # The structure, once: the plain forward iterates it and the tiled executor walks it.
+        # A plain list (not a ModuleList): the modules are registered above, under their names.
+        self.stages: List[Stage] = (
+            [Stage("input", (self.conv_in,))]
+            + [Stage("encoder", (level,)) for level in self.encoder]
+            + [Stage("middle", (block,)) for block in self.middle]
+            + [Stage("decoder", (level,)) for level in self.decoder]
+            + [Stage("output", (self.out_norm, self.conv_out))]
+        )
+        self.apply_policy(policy or ExecutionPolicy())
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -324,34 +331,24 @@ class UNet3D(nn.Module):
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def set_ops(self, ops: str) -> "UNet3D":
-        backend.check_backend(ops)
-        self.ops = ops
+    def apply_policy(self, policy: ExecutionPolicy, store: Optional[CpuStore] = None) -> "UNet3D":
+        """Run with ``policy`` from now on: installs the ops backend on every norm and
+        convolution, the recompute mode on every block, and the offload handler (offload
+        "skips"/"all"; ``store`` says where host copies go, default: pinned memory on CUDA,
+        clones on CPU -- the memory simulator passes its tracker's).  Returns the model."""
+        backend.check_backend(policy.ops)
+        check_recompute(policy.recompute)
+        check_offload(policy.offload)
         for m in self.modules():
             if isinstance(m, (NormAct, backend.Conv3d)):
-                m.ops = ops
-        return self
-
-    def set_checkpoint(self, mode: str) -> "UNet3D":
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {mode!r}")
-        self.checkpoint = mode
-        for m in self.modules():
+                m.ops = policy.ops
             if isinstance(m, ResBlock):
-                m.recompute = {"none": "none", "selective": "selective"}.get(mode, "block")
-            elif isinstance(m, Upsample):
-                m.recompute_norms = mode != "none"
-        return self
-
-    def set_offload(self, handler: Any = None) -> "UNet3D":
-        """Install an offload handler (None removes it); see :mod:`patchddm_fast.model.execution.offload`.
-
-        The handler may define any of: ``skip_store(model)`` -> a store with push/pop/take
-        used instead of :class:`SkipStack`; ``context(model)`` -> a context manager the
-        forward runs in (e.g. saved-tensor hooks); ``inference_forward(model, x, t)`` -> the
-        output, or None to run the normal forward (used only when grad is disabled).
-        """
-        self.offload = handler
+                m.recompute = {"none": "none", "selective": "selective"}.get(policy.recompute, "block")
+            if isinstance(m, Upsample):
+                m.recompute_upsample = policy.recompute != "none"
+        self._offload = (None if policy.offload == "none"
+                         else Offload(policy.offload, store=store, min_bytes=policy.offload_min_bytes))
+        self.policy = policy
         return self
 
     @property
@@ -377,46 +374,61 @@ class UNet3D(nn.Module):
         self.check_input(x)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        handler = self.offload
-        if handler is not None and not torch.is_grad_enabled() and hasattr(handler, "inference_forward"):
-            out = handler.inference_forward(self, x, t)
-            if out is not None:
-                return out
-        ctx = handler.context(self) if hasattr(handler, "context") else contextlib.nullcontext()
+        if self.policy.tiled and not torch.is_grad_enabled():
+            return tiled_forward(self, x, t, skips=self._skip_store(), slab_rows=self.policy.slab_rows)
+        device = next(self.parameters()).device
+        ctx = self._offload.context(device) if self._offload is not None else contextlib.nullcontext()
         with ctx:
-            return self._forward(x, t, handler)
+            return self._forward(x, t)
+
+    def _skip_store(self) -> SkipStack:
+        """Where the encoder's skips wait: on the device, or in host memory under offload."""
+        if self._offload is None:
+            return SkipStack()
+        return self._offload.skip_store(next(self.parameters()).device)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """SiLU of the time embedding: the per-block bias input ``emb_act``."""
         emb = self.time_embed(timestep_embedding(t, self.time_freq_dim).to(self.time_embed[0].weight.dtype))
         return F.silu(emb)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, handler: Any) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb_act = self.time_embedding(t)
         # Blocks recompute inside themselves (ResBlock.recompute); only encoder levels use
         # torch's checkpoint, so their skips die once the decoder has consumed them.
-        ckpt_levels = self.checkpoint == "level"
-
-        h = self.conv_in(x)
-        skips = handler.skip_store(self) if hasattr(handler, "skip_store") else SkipStack()
-        skips.push(h)
-        for level in self.encoder:
-            outs = _maybe_checkpoint(level, ckpt_levels, h, emb_act)
-            for o in outs:
-                skips.push(o)
-            h = outs[-1]
-            del outs
-        for block in self.middle:
-            h = block(h, emb_act)
-        for level in self.decoder:
-            level_skips = skips.take(len(level.blocks), lazy=True)
-            box = [h]
-            del h
-            h = level(box, level_skips, emb_act)
-            del level_skips  # consumed: free as soon as the level no longer needs them
-        if self.checkpoint != "none":
-            return _prep_conv(self.out_norm, self.conv_out, [h], [self.out_norm.weight, self.out_norm.bias])
-        return self.conv_out(self.out_norm(h))
+        recompute = self.policy.recompute
+        ckpt_levels = recompute == "level"
+        skips = self._skip_store()
+        # One loop over the stages, every tensor reference local to it: a level's input
+        # dies as soon as nothing needs it (see DecoderLevel.forward for the hand-over).
+        for kind, modules in self.stages:
+            if kind == "input":
+                h = modules[0](x)
+                skips.push(h)
+            elif kind == "encoder":
+                outs = _maybe_checkpoint(modules[0], ckpt_levels, h, emb_act)
+                for o in outs:
+                    skips.push(o)
+                h = outs[-1]
+                del outs
+            elif kind == "middle":
+                h = modules[0](h, emb_act)
+            elif kind == "decoder":
+                level = modules[0]
+                level_skips = skips.take(len(level.blocks), lazy=True)
+                box = [h]
+                del h
+                h = level(box, level_skips, emb_act)
+                del level_skips  # consumed: free as soon as the level no longer needs them
+            elif kind == "output":
+                norm, conv = modules
+                if recompute != "none":
+                    h = prep_conv(norm, conv, [h], [norm.weight, norm.bias])
+                else:
+                    h = conv(norm(h))
+            else:
+                raise ValueError(f"unknown stage kind {kind!r}; expected one of {STAGE_KINDS}")
+        return h
 
 
 def count_parameters(model: nn.Module) -> int:

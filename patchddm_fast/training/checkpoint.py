@@ -17,6 +17,7 @@ load, and the stored config is checked against the weights' shapes.  Format-1 fi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
+
+from patchddm_fast.model.execution.policy import ExecutionPolicy
 
 FORMAT_VERSION = 2  # 2: with the sha256 digest; 1: without (still readable)
 REQUIRED_CONFIG_KEYS = ("method", "model", "diffusion")
@@ -215,7 +218,9 @@ def build_model(config: Dict[str, Any]):
     mask_channels = target_channels(config.get("target", "binary"))
     arch["in_channels"] = in_channels(config["method"], config.get("image_channels", 4), mask_channels)
     arch["out_channels"] = mask_channels
-    return UNet3D(**arch, ops=config.get("ops", "reference"), checkpoint=config.get("checkpoint", "none"))
+    # The config keeps the flag name "checkpoint"; the network calls it "recompute".
+    policy = ExecutionPolicy(ops=config.get("ops", "reference"), recompute=config.get("checkpoint", "none"))
+    return UNet3D(**arch, policy=policy)
 
 
 def load_for_inference(path, device="cpu"):
@@ -231,5 +236,5 @@ def load_for_inference(path, device="cpu"):
     check_weights_match(model, state["model"], Path(path), config)
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    model.set_checkpoint("none")
+    model.apply_policy(dataclasses.replace(model.policy, recompute="none"))
     return model, diffusion, config

@@ -14,6 +14,7 @@ ranks, and rank 0 alone writes the run folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -107,9 +108,7 @@ class Trainer:
         self.net: torch.nn.Module = self.model  # DistributedDataParallel(model) once fit() starts on several ranks
         self._resolve_preprocess()
         if config.offload != "none":
-            from patchddm_fast.analysis import configure
-
-            configure(self.model, offload=config.offload)
+            self.model.apply_policy(dataclasses.replace(self.model.policy, offload=config.offload))
         self._train_cases, self._val_cases = train_cases, val_cases
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,

@@ -2,19 +2,17 @@
 
 The U-Net keeps every encoder skip alive until the decoder consumes it, and training keeps
 what backward needs until backward reaches it.  Both are *waiting*, not computing, so they
-can wait in host memory.  :class:`Offload` is the handler ``UNet3D.set_offload`` takes:
+can wait in host memory.  :class:`Offload` is the handler ``UNet3D.apply_policy`` installs
+for an :class:`~.policy.ExecutionPolicy` whose ``offload`` is not "none":
 
 * ``skips``: the encoder pushes each skip to host (an asynchronous device-to-host copy on a
   side stream); the decoder fetches each one back just before the block that consumes it,
-  and *prefetches* the next one while that block computes.  Under autograd the transfers
-  are differentiable (:class:`_ToHost` / :class:`_ToDevice`), so a skip's gradient also
-  waits in host memory until the encoder's backward needs it.
+  and *prefetches* the next one while that block computes (the skip store,
+  :class:`~.skips.OffloadedSkips`).
 * ``all`` (training): ``skips`` plus saved-tensor hooks that move every saved activation of
   at least ``min_bytes`` to host when autograd saves it and bring it back (prefetching the
   one saved before it) when backward unpacks it.  With checkpointing the saved tensors are
   the checkpoint inputs, so the device keeps only the block being computed.
-* inference with ``tiled=True`` runs :mod:`.tiled` instead of the plain forward (slab-wise
-  GroupNorm-SiLU -> conv with in-place buffer reuse, skips streamed back slab by slab).
 
 Where the bytes go is abstracted by a *store*: :class:`CudaHostStore` (pinned buffers, a copy
 stream, events -- the real thing), :class:`CpuStore` (plain copies; exercises the logic on a
@@ -26,12 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, List, Optional
+from typing import Any, ContextManager, List, Optional
 
 import torch
 
+from patchddm_fast.model.execution.policy import DEFAULT_MIN_BYTES
+from patchddm_fast.model.execution.skips import OffloadedSkips
+
 OFFLOAD_MODES = ("none", "skips", "all")
-DEFAULT_MIN_BYTES = 1 << 20
+
+
+def check_offload(mode: str) -> str:
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {mode!r}")
+    return mode
 
 
 # ---------------------------------------------------------------------- stores
@@ -122,69 +128,6 @@ def default_store(device: torch.device) -> CpuStore:
     return CudaHostStore(device) if device.type == "cuda" else CpuStore()
 
 
-# ---------------------------------------------------------------------- differentiable transfers
-class _ToHost(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, store):  # type: ignore[override]
-        ctx.store, ctx.device = store, t.device
-        return store.to_host(t)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return ctx.store.ready(ctx.store.fetch(grad, ctx.device)), None
-
-
-class _ToDevice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, host, store, handle):  # type: ignore[override]
-        ctx.store = store
-        return store.ready(handle)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return ctx.store.to_host(grad), None, None
-
-
-# ---------------------------------------------------------------------- skip store
-class OffloadedSkips:
-    """A skip store (push/pop/take) keeping skips in host memory, prefetching one ahead."""
-
-    def __init__(self, store: CpuStore, device: torch.device):
-        self.store = store
-        self.device = device
-        self._host: List[torch.Tensor] = []
-        self._prefetched: Optional[Any] = None  # fetch handle of self._host[-1]
-
-    def push(self, t: torch.Tensor) -> None:
-        self.device = t.device
-        if torch.is_grad_enabled() and t.requires_grad:
-            self._host.append(_ToHost.apply(t, self.store))
-        else:
-            self._host.append(self.store.to_host(t))
-
-    def _fetch_last(self) -> Any:
-        return self.store.fetch(self._host[-1].detach(), self.device)
-
-    def pop(self) -> torch.Tensor:
-        handle = self._prefetched if self._prefetched is not None else self._fetch_last()
-        self._prefetched = None
-        host = self._host.pop()
-        if self._host:  # prefetch the next skip while the caller computes with this one
-            self._prefetched = self._fetch_last()
-        if torch.is_grad_enabled() and host.requires_grad:
-            return _ToDevice.apply(host, self.store, handle)
-        return self.store.ready(handle)
-
-    def pop_host(self) -> torch.Tensor:
-        """The next skip, left in host memory (the tiled executor streams it slab by slab)."""
-        return self._host.pop()
-
-    def take(self, n: int, lazy: bool):
-        if lazy:
-            return (self.pop() for _ in range(n))
-        return [self.pop() for _ in range(n)]
-
-
 # ---------------------------------------------------------------------- saved-tensor offload
 class _Packed:
     __slots__ = ("host", "device", "prefetched", "index", "__weakref__")
@@ -225,56 +168,33 @@ class SavedTensorOffload(torch.autograd.graph.saved_tensors_hooks):
 
 # ---------------------------------------------------------------------- the handler
 class Offload:
-    """``UNet3D.set_offload(Offload(mode, ...))``.
+    """The offload handler :meth:`UNet3D.apply_policy` installs for offload "skips" or "all".
 
     Args:
-        mode: "none", "skips" or "all" (see module docstring).
+        mode: "skips" or "all" (see module docstring).
         store: where host copies live; default: pinned memory on CUDA, clones on CPU.
-        tiled: run inference (grad disabled) through the slab-wise executor of :mod:`.tiled`.
         min_bytes: smallest saved activation worth offloading ("all").
-        slab_rows: rows (along depth) per slab of the tiled executor (default: depth // 32).
     """
 
-    def __init__(self, mode: str = "skips", store: Optional[CpuStore] = None, tiled: bool = False,
-                 min_bytes: int = DEFAULT_MIN_BYTES, slab_rows: Optional[int] = None):
-        if mode not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {mode!r}")
+    def __init__(self, mode: str = "skips", store: Optional[CpuStore] = None, min_bytes: int = DEFAULT_MIN_BYTES):
+        check_offload(mode)
+        if mode == "none":
+            raise ValueError("offload 'none' installs no handler")
         self.mode = mode
         self._store = store
-        self.tiled = tiled
         self.min_bytes = min_bytes
-        self.slab_rows = slab_rows
 
     def store_for(self, device: torch.device) -> CpuStore:
         if self._store is None:
             self._store = default_store(device)
         return self._store
 
-    def skip_store(self, model: torch.nn.Module) -> Any:
-        from patchddm_fast.model.unet import SkipStack
-
-        if self.mode == "none":
-            return SkipStack()
-        device = next(model.parameters()).device
+    def skip_store(self, device: torch.device) -> OffloadedSkips:
+        """A skip store that keeps the encoder's skips in host memory."""
         return OffloadedSkips(self.store_for(device), device)
 
-    def context(self, model: torch.nn.Module):
+    def context(self, device: torch.device) -> ContextManager:
+        """What the forward runs in: saved-tensor hooks for "all" under autograd, else nothing."""
         if self.mode != "all" or not torch.is_grad_enabled():
             return contextlib.nullcontext()
-        return SavedTensorOffload(self.store_for(next(model.parameters()).device), self.min_bytes)
-
-    def inference_forward(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.tiled:
-            return None
-        from patchddm_fast.model.execution.tiled import tiled_forward
-
-        store = self.skip_store(model)
-        return tiled_forward(model, x, t, skips=store, slab_rows=self.slab_rows)
-
-
-def configure(model: torch.nn.Module, offload: str = "none", tiled: bool = False,
-              store: Optional[CpuStore] = None, **kwargs: Any) -> torch.nn.Module:
-    """Install (or remove, for offload "none" without tiling) the offload handler on a UNet3D."""
-    if offload == "none" and not tiled:
-        return model.set_offload(None)
-    return model.set_offload(Offload(offload, store=store, tiled=tiled, **kwargs))
+        return SavedTensorOffload(self.store_for(device), self.min_bytes)

@@ -8,13 +8,17 @@ planner (``patchddm_fast.analysis.planner``) produces plans; the CLI and the pac
 face hand them down.
 
 This module only names the choices; each choice's validation lives next to the code that
-implements it (``backend.OPS_BACKENDS``, ``unet.RECOMPUTE_MODES``, ``offload.OFFLOAD_MODES``).
+implements it (``backend.OPS_BACKENDS``, ``unet.RECOMPUTE_MODES``, ``offload.OFFLOAD_MODES``);
+:meth:`patchddm_fast.model.unet.UNet3D.apply_policy` checks and installs a policy.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
+
+# Saved activations smaller than this stay on the device under offload "all".
+DEFAULT_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -26,12 +30,16 @@ class ExecutionPolicy:
         "block" or "level" -- see :mod:`patchddm_fast.model.execution.recompute`.
     offload: "none", "skips" or "all" -- tensors waiting in pinned host memory.
     tiled: slab-wise low-memory inference (no-grad forward only).
+    offload_min_bytes: the smallest saved activation worth offloading (offload "all").
+    slab_rows: depth rows per slab of the tiled executor (None: 1/32 of the input depth).
     """
 
     ops: str = "reference"
     recompute: str = "none"
     offload: str = "none"
     tiled: bool = False
+    offload_min_bytes: int = DEFAULT_MIN_BYTES
+    slab_rows: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

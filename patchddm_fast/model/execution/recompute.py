@@ -31,6 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from patchddm_fast.kernels import conv3d_cpu as cpu_conv
+from patchddm_fast.model import backend
+
 
 def _conv_dtype(device_type: str, like: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
@@ -41,13 +44,11 @@ def _conv_dtype(device_type: str, like: torch.Tensor) -> torch.dtype:
 def conv_as_module(conv: nn.Conv3d, a: torch.Tensor, dtype: torch.dtype, padding=None) -> torch.Tensor:
     """``conv`` applied to ``a`` in ``dtype`` (autocast's cast, done explicitly), through the
     same convolution backend the module's forward uses (:func:`patchddm_fast.model.backend.conv3d`)."""
-    from patchddm_fast.model import backend
-
     w = conv.weight.to(dtype)
     b = conv.bias.to(dtype) if conv.bias is not None else None
     padding = conv.padding if padding is None else padding
     with torch.autocast(a.device.type, enabled=False):
-        if conv.groups == 1 and conv.dilation == (1, 1, 1) and hasattr(backend, "conv3d"):
+        if conv.groups == 1 and conv.dilation == (1, 1, 1):
             return backend.conv3d(getattr(conv, "ops", "reference"), a.to(dtype), w, b, conv.stride, padding)
         return F.conv3d(a.to(dtype), w, b, conv.stride, padding, conv.dilation, conv.groups)
 
@@ -58,9 +59,6 @@ _conv = conv_as_module
 def _conv_backward(conv: nn.Conv3d, grad_y: torch.Tensor, a: torch.Tensor, dtype: torch.dtype,
                    need_a: bool, need_w: bool, need_b: bool):
     """(grad_a, grad_weight, grad_bias) of ``conv`` at input ``a``; parameter grads in their dtype."""
-    from patchddm_fast.model import backend
-    from patchddm_fast.kernels import conv3d_cpu as cpu_conv
-
     w = conv.weight.to(dtype)
     has_b = conv.bias is not None
     if conv.groups == 1 and conv.dilation == (1, 1, 1):

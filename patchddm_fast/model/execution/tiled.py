@@ -6,14 +6,21 @@ This executor runs the *same modules with the same parameters* so that only two 
 alive, plus slabs:
 
 1. GroupNorm statistics are computed slab by slab in fp32 (Chan's parallel combination of
-   per-slab mean and M2: stable, no E[x^2]-E[x]^2);
+   per-slab mean and M2: stable, no E[x^2]-E[x]^2; :mod:`patchddm_fast.kernels.gn_stats`);
 2. ``conv(SiLU(GN(x)))`` is computed one depth slab of the output at a time from the input
    rows it needs (one halo row each side), so the activated tensor exists only per slab;
 3. the second convolution of a block writes its output *into its own input buffer*: slab k
    of the output overwrites input rows that no later slab needs (the one row the next slab
    still needs is kept aside), and the residual is added in place;
-4. skips held in host memory (:class:`~.offload.OffloadedSkips`) are averaged into the
+4. skips held in host memory (:class:`~.skips.OffloadedSkips`) are averaged into the
    decoder state slab by slab, so a skip never returns to the device whole.
+
+It walks the network's own structure, ``UNet3D.stages`` (the list the plain forward
+iterates), running each stage's slab-wise twin; a stage kind it does not know is an error,
+so a new kind of stage cannot be skipped silently.  What stays here is how one residual
+block, upsampling and the output head run *slab-wise*: a change to how a residual block
+computes must be mirrored in :func:`res_block` (tests/test_checkpointing.py compares the
+two paths).
 
 Numerically it is the network's forward up to floating-point summation order (statistics
 are combined per slab, convolutions see slab-shaped inputs): fp32 results agree to ~1e-6.
@@ -21,13 +28,15 @@ It is an inference path only (grad disabled).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.model.execution.offload import OffloadedSkips
+from patchddm_fast.kernels.gn_stats import group_stats, norm_act
+from patchddm_fast.model import backend
 from patchddm_fast.model.execution.recompute import conv_as_module
+from patchddm_fast.model.execution.skips import OffloadedSkips, SkipStack
 
 # Tensors up to this size are processed as one slab (slabs only pay off for big volumes).
 SMALL_BYTES = 32 << 20
@@ -45,46 +54,6 @@ def _compute_dtype(like: torch.Tensor) -> torch.dtype:
     return like.dtype
 
 
-def group_stats(x: torch.Tensor, groups: int, bias_in: Optional[torch.Tensor], eps: float,
-                rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-(sample, group) mean and 1/sqrt(var + eps) of ``x + bias_in`` in fp32, slab by slab."""
-    n, c, depth = x.shape[:3]
-    count = 0
-    mean = m2 = None
-    for d0, d1 in _slabs(depth, rows):
-        s = x[:, :, d0:d1].float()
-        if bias_in is not None:
-            s = s + bias_in.float().reshape(n, c, 1, 1, 1)
-        s = s.reshape(n, groups, -1)
-        k = s.shape[-1]
-        var_s, mean_s = torch.var_mean(s, dim=-1, correction=0)
-        m2_s = var_s * k
-        if mean is None:
-            mean, m2, count = mean_s, m2_s, k
-        else:
-            tot = count + k
-            delta = mean_s - mean
-            mean = mean + delta * (k / tot)
-            m2 = m2 + m2_s + delta * delta * (count * k / tot)
-            count = tot
-    var = m2 / count
-    return mean, torch.rsqrt(var + eps)
-
-
-def _norm_act(xs: torch.Tensor, norm, stats, bias_in: Optional[torch.Tensor], out_dtype) -> torch.Tensor:
-    """SiLU(GN(x + bias_in)) for one slab with precomputed group statistics (fp32 math)."""
-    mean, rstd = stats
-    n, c = xs.shape[:2]
-    g = norm.num_groups
-    s = xs.to(torch.float32, copy=True)  # the one fp32 slab buffer; everything below is in place
-    if bias_in is not None:
-        s.add_(bias_in.float().reshape(n, c, 1, 1, 1))
-    grouped = s.view((n, g, c // g) + tuple(xs.shape[2:]))
-    grouped.sub_(mean.reshape(n, g, 1, 1, 1, 1)).mul_(rstd.reshape(n, g, 1, 1, 1, 1))
-    s.mul_(norm.weight.float().reshape(1, c, 1, 1, 1)).add_(norm.bias.float().reshape(1, c, 1, 1, 1))
-    return F.silu(s, inplace=True).to(out_dtype)
-
-
 def _conv_window(conv, a: torch.Tensor, pad_lo: int, pad_hi: int, dtype: torch.dtype) -> torch.Tensor:
     """A 3x3x3 / 1x1x1 conv over a depth window: zero rows at the volume borders, 'valid' in depth."""
     k = conv.kernel_size[0]
@@ -99,7 +68,8 @@ def norm_act_conv(x: torch.Tensor, norm, conv, rows: int, bias_in: Optional[torc
     """``conv(SiLU(GN(x + bias_in)))`` slab by slab; ``inplace`` writes the result into ``x``."""
     depth = x.shape[2]
     dtype = _compute_dtype(x)
-    stats = group_stats(x, norm.num_groups, bias_in, norm.eps, rows)
+    groups = norm.num_groups
+    stats = group_stats(x, groups, bias_in, norm.eps, rows)
     if inplace:
         if conv.out_channels != x.shape[1]:
             raise ValueError("in-place slab convolution needs equal input and output channels")
@@ -114,7 +84,7 @@ def norm_act_conv(x: torch.Tensor, norm, conv, rows: int, bias_in: Optional[torc
             window = torch.cat([halo if inplace else x[:, :, lo:d0], window], dim=2)
         if inplace:
             halo = x[:, :, d1 - 1:d1].clone()
-        a = _norm_act(window, norm, stats, bias_in, x.dtype)
+        a = norm_act(window, norm.weight, norm.bias, groups, stats, bias_in, x.dtype)
         y = _conv_window(conv, a, int(d0 == 0), int(d1 == depth), dtype)
         del a, window
         out[:, :, d0:d1].copy_(y)
@@ -155,8 +125,6 @@ def res_block(block, x: torch.Tensor, emb_act: torch.Tensor, rows: int) -> torch
 
 def _average_into(h: torch.Tensor, skips: Any, ops: str, rows: int) -> None:
     """h <- (h + skip) / 2 for the decoder's next skip, streaming it from host if offloaded."""
-    from patchddm_fast.model import backend
-
     if isinstance(skips, OffloadedSkips):
         host = skips.pop_host().detach()
         for d0, d1 in _slabs(h.shape[2], rows):
@@ -176,16 +144,16 @@ def _average_into(h: torch.Tensor, skips: Any, ops: str, rows: int) -> None:
 def tiled_forward(model, x: torch.Tensor, t: torch.Tensor, skips: Any = None, slab_rows: Optional[int] = None) -> torch.Tensor:
     """The network's no-grad forward with slab-wise convolutions and in-place buffer reuse.
 
-    ``skips`` is a skip store (``SkipStack`` or :class:`~.offload.OffloadedSkips`);
-    ``slab_rows`` defaults to 1/32 of the input depth.
+    ``model`` is a ``UNet3D`` (walked through its ``stages``); ``skips`` is a skip store
+    (:class:`~.skips.SkipStack` or :class:`~.skips.OffloadedSkips`); ``slab_rows`` defaults
+    to 1/32 of the input depth.
     """
-    from patchddm_fast.model.unet import SkipStack
-
     if model.config["skip"] != "average":
         raise ValueError("the tiled executor supports averaging skips only (the paper's network)")
     skips = skips if skips is not None else SkipStack()
     rows = slab_rows or max(1, x.shape[2] // 32)
     emb_act = model.time_embedding(t)
+    ops = model.policy.ops
 
     def rows_at(h: torch.Tensor, scale: int = 1) -> int:
         """Slab rows for a tensor like ``h`` with ``scale`` x its edge (the upsampling's output)."""
@@ -195,24 +163,36 @@ def tiled_forward(model, x: torch.Tensor, t: torch.Tensor, skips: Any = None, sl
         return max(1, rows * depth // x.shape[2])
 
     dtype = _compute_dtype(x)
-    h = x.new_empty((x.shape[0], model.conv_in.out_channels) + tuple(x.shape[2:]), dtype=dtype)
-    for d0, d1 in _slabs(x.shape[2], rows):
-        lo, hi = max(0, d0 - 1), min(x.shape[2], d1 + 1)
-        h[:, :, d0:d1].copy_(_conv_window(model.conv_in, x[:, :, lo:hi], int(d0 == 0), int(d1 == x.shape[2]), dtype))
-    skips.push(h)
-    for level in model.encoder:
-        for block in level.blocks:
-            h = res_block(block, h, emb_act, rows_at(h))
+    # One loop, every tensor reference local to it (as in UNet3D._forward): a block's input
+    # dies as soon as the block has consumed it.
+    for kind, modules in model.stages:
+        if kind == "input":
+            conv_in = modules[0]
+            h = x.new_empty((x.shape[0], conv_in.out_channels) + tuple(x.shape[2:]), dtype=dtype)
+            for d0, d1 in _slabs(x.shape[2], rows):
+                lo, hi = max(0, d0 - 1), min(x.shape[2], d1 + 1)
+                h[:, :, d0:d1].copy_(_conv_window(conv_in, x[:, :, lo:hi], int(d0 == 0), int(d1 == x.shape[2]), dtype))
             skips.push(h)
-        if level.down is not None:
-            h = level.down(h)
-            skips.push(h)
-    for block in model.middle:
-        h = res_block(block, h, emb_act, rows_at(h))
-    for level in model.decoder:
-        for block in level.blocks:
-            _average_into(h, skips, model.ops, rows_at(h))
-            h = res_block(block, h, emb_act, rows_at(h))
-        if level.up is not None:
-            h = upsample_conv(h, level.up.conv, rows_at(h, scale=2))
-    return norm_act_conv(h, model.out_norm, model.conv_out, rows_at(h))
+        elif kind == "encoder":
+            level = modules[0]
+            for block in level.blocks:
+                h = res_block(block, h, emb_act, rows_at(h))
+                skips.push(h)
+            if level.down is not None:
+                h = level.down(h)
+                skips.push(h)
+        elif kind == "middle":
+            h = res_block(modules[0], h, emb_act, rows_at(h))
+        elif kind == "decoder":
+            level = modules[0]
+            for block in level.blocks:
+                _average_into(h, skips, ops, rows_at(h))
+                h = res_block(block, h, emb_act, rows_at(h))
+            if level.up is not None:
+                h = upsample_conv(h, level.up.conv, rows_at(h, scale=2))
+        elif kind == "output":
+            norm, conv = modules
+            h = norm_act_conv(h, norm, conv, rows_at(h))
+        else:
+            raise ValueError(f"the tiled executor has no slab-wise twin of stage kind {kind!r}")
+    return h
