@@ -81,3 +81,16 @@ def test_checkpointing_matches_plain_gradients(tiny_unet_factory, mode):
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_stages_are_the_whole_network_once(tiny_unet_factory):
+    """UNet3D.stages (what the forward iterates and the tiled executor walks) holds every
+    module outside the time embedding exactly once, in forward order."""
+    m = tiny_unet_factory()
+    kinds = [s.kind for s in m.stages]
+    assert kinds == (["input"] + ["encoder"] * m.levels + ["middle"] * len(m.middle)
+                     + ["decoder"] * m.levels + ["output"])
+    params = [id(p) for s in m.stages for mod in s.modules for p in mod.parameters()]
+    params += [id(p) for p in m.time_embed.parameters()]
+    assert sorted(params) == sorted(id(p) for p in m.parameters())
+    assert not any(name.startswith("stages") for name, _ in m.named_parameters())  # state dict unchanged
