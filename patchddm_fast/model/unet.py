@@ -52,6 +52,7 @@ def check_recompute(mode: str) -> str:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
     return mode
 
+
 PRESETS = {
     # PAPER.md: t1, t1ce, t2, flair, 3 coordinate channels, noisy mask.
     "patchddm": dict(in_channels=8),
@@ -376,8 +377,9 @@ class UNet3D(nn.Module):
             t = t.expand(x.shape[0])
         if self.policy.tiled and not torch.is_grad_enabled():
             return tiled_forward(self, x, t, skips=self._skip_store(), slab_rows=self.policy.slab_rows)
-        device = next(self.parameters()).device
-        ctx = self._offload.context(device) if self._offload is not None else contextlib.nullcontext()
+        ctx = contextlib.nullcontext()
+        if self._offload is not None:
+            ctx = self._offload.context(next(self.parameters()).device)
         with ctx:
             return self._forward(x, t)
 
