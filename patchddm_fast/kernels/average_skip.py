@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import composite, cpu_ext
 from ._layout import as_layout_of, layout_of
 from ._triton import KernelVariant, kernel, launch
-from .dispatch import cpu_ext_module, resolve_cpu_backend
+from .backends import cpu_implementation
 
 Tensor = torch.Tensor
 
@@ -65,24 +65,37 @@ def skip_combine_(h: Tensor, skip: Tensor, alpha: float, beta: float) -> Tensor:
     return h
 
 
-def _run(h: Tensor, skip: Tensor, alpha: float, beta: float, composite) -> None:
-    """Dispatch: Triton on CUDA and for "triton-interpret"; C++ (average only) or composite."""
-    if h.device.type == "cuda" and layout_of(h) is not None and h.dtype != torch.float64:
-        skip_combine_(h, skip, alpha, beta)
-        return
-    backend = resolve_cpu_backend() if h.device.type == "cpu" else "composite"
-    if backend == "triton-interpret" and layout_of(h) is not None and h.dtype != torch.float64:
-        skip_combine_(h, skip, alpha, beta)
-    elif backend == "cpp" and composite is reference.average_skip_:
-        cpu_ext_module().average_skip_(h, skip)
-    else:
-        composite(h, skip)
+# --------------------------------------------------------------------------- custom ops
+# One schema per op; a kernel per device (CUDA: Triton; CPU: the implementation
+# backends.cpu_implementation picks -- for the average the C++ kernel, which registers
+# itself for this schema's CPU key, the composite, or the Triton interpreter) and a fake
+# kernel.  float64 and layouts the kernel cannot write in place go to the composite.
+def _triton_takes(h: Tensor) -> bool:
+    return layout_of(h) is not None and h.dtype != torch.float64
 
 
-@torch.library.custom_op("patchddm::average_skip_", mutates_args=("h",))
+def _cpp_takes(h: Tensor) -> bool:
+    return h.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("patchddm::average_skip_", mutates_args=("h",), device_types="cuda")
 def average_skip_op(h: Tensor, skip: Tensor) -> None:
     """h <- (h + skip) / 2 in place."""
-    _run(h, skip, 0.5, 0.5, reference.average_skip_)
+    if _triton_takes(h):
+        skip_combine_(h, skip, 0.5, 0.5)
+    else:
+        composite.average_skip_(h, skip)
+
+
+@average_skip_op.register_kernel("cpu")
+def _average_skip_cpu(h: Tensor, skip: Tensor) -> None:
+    impl = cpu_implementation(triton_ok=_triton_takes(h), cpp_ok=_cpp_takes(h))
+    if impl == "triton":
+        skip_combine_(h, skip, 0.5, 0.5)
+    elif impl == "cpp":
+        cpu_ext.average_skip_(h, skip)
+    else:
+        composite.average_skip_(h, skip)
 
 
 @average_skip_op.register_fake
@@ -90,10 +103,22 @@ def _average_skip_fake(h, skip) -> None:
     return None
 
 
-@torch.library.custom_op("patchddm::residual_add_", mutates_args=("h",))
+@torch.library.custom_op("patchddm::residual_add_", mutates_args=("h",), device_types="cuda")
 def residual_add_op(h: Tensor, skip: Tensor) -> None:
     """h <- h + skip in place."""
-    _run(h, skip, 1.0, 1.0, reference.residual_add_)
+    if _triton_takes(h):
+        skip_combine_(h, skip, 1.0, 1.0)
+    else:
+        composite.residual_add_(h, skip)
+
+
+@residual_add_op.register_kernel("cpu")
+def _residual_add_cpu(h: Tensor, skip: Tensor) -> None:
+    # No C++ kernel: torch's own in-place add is already one pass.
+    if cpu_implementation(triton_ok=_triton_takes(h), cpp_ok=False) == "triton":
+        skip_combine_(h, skip, 1.0, 1.0)
+    else:
+        composite.residual_add_(h, skip)
 
 
 @residual_add_op.register_fake
@@ -101,6 +126,11 @@ def _residual_add_fake(h, skip) -> None:
     return None
 
 
+# torch.library.register_autograd takes functional ops only (torch 2.13 raises "Cannot
+# register autograd formula for non-functional operator" for a schema that mutates an
+# input), and these ops must stay in place: an out-of-place average allocates a third
+# activation-sized tensor per decoder block.  So their autograd is an autograd.Function
+# around the op, applied by the public functions below.
 class _AverageSkip(torch.autograd.Function):
     """Autograd for the in-place average: nothing saved, both gradients g/2."""
 
