@@ -24,7 +24,7 @@ it moves 3 elements per element of h (read h, read skip, write h): the roofline 
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import triton
@@ -78,24 +78,33 @@ def _cpp_takes(h: Tensor) -> bool:
     return h.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _combine_cuda(h: Tensor, skip: Tensor, alpha: float, beta: float, fallback: Callable) -> None:
+    if _triton_takes(h):
+        skip_combine_(h, skip, alpha, beta)
+    else:
+        fallback(h, skip)
+
+
+def _combine_cpu(h: Tensor, skip: Tensor, alpha: float, beta: float, fallback: Callable,
+                 cpp: Optional[Callable] = None) -> None:
+    impl = cpu_implementation(triton_ok=_triton_takes(h), cpp_ok=cpp is not None and _cpp_takes(h))
+    if impl == "triton":
+        skip_combine_(h, skip, alpha, beta)
+    elif impl == "cpp":
+        cpp(h, skip)
+    else:
+        fallback(h, skip)
+
+
 @torch.library.custom_op("patchddm::average_skip_", mutates_args=("h",), device_types="cuda")
 def average_skip_op(h: Tensor, skip: Tensor) -> None:
     """h <- (h + skip) / 2 in place."""
-    if _triton_takes(h):
-        skip_combine_(h, skip, 0.5, 0.5)
-    else:
-        composite.average_skip_(h, skip)
+    _combine_cuda(h, skip, 0.5, 0.5, composite.average_skip_)
 
 
 @average_skip_op.register_kernel("cpu")
 def _average_skip_cpu(h: Tensor, skip: Tensor) -> None:
-    impl = cpu_implementation(triton_ok=_triton_takes(h), cpp_ok=_cpp_takes(h))
-    if impl == "triton":
-        skip_combine_(h, skip, 0.5, 0.5)
-    elif impl == "cpp":
-        cpu_ext.average_skip_(h, skip)
-    else:
-        composite.average_skip_(h, skip)
+    _combine_cpu(h, skip, 0.5, 0.5, composite.average_skip_, cpu_ext.average_skip_)
 
 
 @average_skip_op.register_fake
@@ -106,19 +115,13 @@ def _average_skip_fake(h, skip) -> None:
 @torch.library.custom_op("patchddm::residual_add_", mutates_args=("h",), device_types="cuda")
 def residual_add_op(h: Tensor, skip: Tensor) -> None:
     """h <- h + skip in place."""
-    if _triton_takes(h):
-        skip_combine_(h, skip, 1.0, 1.0)
-    else:
-        composite.residual_add_(h, skip)
+    _combine_cuda(h, skip, 1.0, 1.0, composite.residual_add_)
 
 
 @residual_add_op.register_kernel("cpu")
 def _residual_add_cpu(h: Tensor, skip: Tensor) -> None:
     # No C++ kernel: torch's own in-place add is already one pass.
-    if cpu_implementation(triton_ok=_triton_takes(h), cpp_ok=False) == "triton":
-        skip_combine_(h, skip, 1.0, 1.0)
-    else:
-        composite.residual_add_(h, skip)
+    _combine_cpu(h, skip, 1.0, 1.0, composite.residual_add_)
 
 
 @residual_add_op.register_fake
