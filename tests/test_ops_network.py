@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from patchddm_fast import kernels as ops
+from patchddm_fast.kernels import cpu_ext
 
 
 def _cpp_available() -> bool:
-    from patchddm_fast.kernels import cpu_ext
-
     return cpu_ext.available()
 
 

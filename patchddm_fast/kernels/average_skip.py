@@ -132,35 +132,23 @@ def _residual_add_fake(h, skip) -> None:
 # torch.library.register_autograd takes functional ops only (torch 2.13 raises "Cannot
 # register autograd formula for non-functional operator" for a schema that mutates an
 # input), and these ops must stay in place: an out-of-place average allocates a third
-# activation-sized tensor per decoder block.  So their autograd is an autograd.Function
+# activation-sized tensor per decoder block.  So their autograd is one autograd.Function
 # around the op, applied by the public functions below.
-class _AverageSkip(torch.autograd.Function):
-    """Autograd for the in-place average: nothing saved, both gradients g/2."""
+class _InPlaceCombine(torch.autograd.Function):
+    """Autograd of ``op(h, skip)`` writing ``alpha*h + alpha*skip`` into h: nothing saved,
+    both gradients ``alpha*g`` (the average: 0.5; the residual add: 1, g itself)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, skip: Tensor) -> Tensor:
-        average_skip_op(h, skip)
+    def forward(ctx, h: Tensor, skip: Tensor, op: Callable, alpha: float) -> Tensor:
+        op(h, skip)
         ctx.mark_dirty(h)
+        ctx.alpha = alpha
         return h
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        half = grad * 0.5
-        return half, half
-
-
-class _ResidualAdd(torch.autograd.Function):
-    """Autograd for the in-place residual add: nothing saved, both gradients g."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, skip: Tensor) -> Tensor:
-        residual_add_op(h, skip)
-        ctx.mark_dirty(h)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, grad
+        g = grad if ctx.alpha == 1.0 else grad * ctx.alpha
+        return g, g, None, None
 
 
 def _check(name: str, h: Tensor, skip: Tensor) -> None:
@@ -172,10 +160,10 @@ def _check(name: str, h: Tensor, skip: Tensor) -> None:
         raise TypeError(f"{name}: h and skip must be floating point, got {h.dtype} and {skip.dtype}")
 
 
-def _apply(name: str, function, op, h: Tensor, skip: Tensor) -> Tensor:
+def _apply(name: str, op: Callable, alpha: float, h: Tensor, skip: Tensor) -> Tensor:
     _check(name, h, skip)
     if torch.is_grad_enabled() and (h.requires_grad or skip.requires_grad):
-        return function.apply(h, skip)
+        return _InPlaceCombine.apply(h, skip, op, alpha)
     op(h, skip)
     return h
 
@@ -185,7 +173,7 @@ def average_skip_(h: Tensor, skip: Tensor) -> Tensor:
 
     See the module docstring for when writing into ``h`` is safe.
     """
-    return _apply("average_skip_", _AverageSkip, average_skip_op, h, skip)
+    return _apply("average_skip_", average_skip_op, 0.5, h, skip)
 
 
 def residual_add_(h: Tensor, skip: Tensor) -> Tensor:
@@ -194,7 +182,7 @@ def residual_add_(h: Tensor, skip: Tensor) -> Tensor:
     Safe when ``h`` was not saved by its producer (e.g. ``h`` is a conv output); see
     the module docstring.
     """
-    return _apply("residual_add_", _ResidualAdd, residual_add_op, h, skip)
+    return _apply("residual_add_", residual_add_op, 1.0, h, skip)
 
 
 def aot_variants(dtypes: Sequence[str] = ("fp32", "fp16", "bf16")) -> List[KernelVariant]:

@@ -141,6 +141,8 @@ def _build_and_load() -> dict[str, Any]:
 
 def _load() -> dict[str, Any]:
     """Build and load the library, take its kernels out, and put the Python CPU kernels back in front."""
+    if not hasattr(torch.library, "get_kernel"):
+        raise RuntimeError(f"torch {torch.__version__} lacks torch.library.get_kernel (torch >= 2.9)")
     qualified = [f"{NAMESPACE}::{op}" for op in OPS]
     python_kernels = {op: torch.library.get_kernel(q, "CPU") for op, q in zip(OPS, qualified)}
     info = _build_and_load()
