@@ -21,6 +21,7 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",
         "triton>=3.0; platform_system=='Linux'",
+        "ninja>=1.11",  # torch.utils.cpp_extension.load builds the C++ CPU kernels with it
         "numpy>=1.24",
         "nibabel>=5.0",
         "nvidia-ml-py>=12.0",

@@ -4,7 +4,7 @@ Three implementations of SiLU(GroupNorm(x + bias_in)), 29 groups, fp32, at shape
 paper's network (widths 29/87/116):
 
 * ``cpp``       -- ``patchddm_fast.kernels.cpu_ext`` (csrc/patchddm_cpu_ops.cpp);
-* ``composite`` -- ``patchddm_fast.kernels.reference.gn_silu_forward/backward``: the same
+* ``composite`` -- ``patchddm_fast.kernels.composite.gn_silu_forward/backward``: the same
   save-only-(x, mean, rstd) semantics written with PyTorch ops (the fallback when no
   compiler is present);
 * ``eager``     -- ``F.silu(F.group_norm(x + bias_in))`` with autograd (saves the
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from patchddm_fast.kernels import cpu_ext
 
-from patchddm_fast.kernels import reference
+from patchddm_fast.kernels import composite
 
 GROUPS = 29
 EPS = 1e-5
@@ -77,7 +77,7 @@ def _callable(impl: str, mode: str, x, w, b, bias_in, dy) -> Callable[[], object
             y = F.silu(F.group_norm(xr + bir[:, :, None, None, None], GROUPS, wr, br, EPS))
             return torch.autograd.grad(y, leaves, dy)
         return run
-    mod = cpu_ext if impl == "cpp" else reference
+    mod = cpu_ext if impl == "cpp" else composite
     if mode == "fwd":
         return lambda: mod.gn_silu_forward(x, w, b, bias_in, GROUPS, EPS)
 
@@ -149,7 +149,7 @@ def test_average_skip(benchmark, have_cpp, impl):
     skip = torch.randn(1, 29, 64, 64, 64, generator=g)
     fns = {
         "eager": lambda: (h + skip) / 2,  # out of place, as the reference network does
-        "composite": lambda: reference.average_skip_(h, skip),
+        "composite": lambda: composite.average_skip_(h, skip),
         "cpp": lambda: cpu_ext.average_skip_(h, skip),
     }
     benchmark.group = "average_skip 29x64^3"

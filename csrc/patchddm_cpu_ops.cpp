@@ -15,8 +15,13 @@
 // order of every reduction are fixed by the shape alone, so results do not depend on the
 // number of threads.
 //
-// The ops are registered with the dispatcher under the namespace patchddm_cpu_ext and
-// called from Python through torch.ops (no pybind11, no Python headers: faster to build).
+// The kernels are the CPU implementation of the custom ops patchddm::gn_silu_fwd,
+// patchddm::gn_silu_bwd and patchddm::average_skip_, whose schemas are defined in Python
+// (patchddm_fast/kernels/gn_silu.py, average_skip.py): TORCH_LIBRARY_IMPL below registers
+// them for the CPU dispatch key of those schemas -- no namespace of their own, no pybind11,
+// no Python headers.  patchddm_fast/kernels/cpu_ext.py builds this file with
+// torch.utils.cpp_extension.load and keeps the Python CPU selector (C++ / composite /
+// Triton interpreter) in front of these kernels.
 // The build defines CPU_CAPABILITY / CPU_CAPABILITY_AVX2|AVX512 like ATen's own kernels,
 // so at::vec::Vectorized maps to the widest SIMD the running torch uses.
 
@@ -606,7 +611,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gn_silu_backward(
   });
   Tensor dweight = dwf.to(weight.scalar_type());
   Tensor dbias = dbf.to(bias.scalar_type());
-  if (dbin.defined()) dbin = dbin.to(bias_in->scalar_type());
+  // The schema returns a tensor in every slot: without bias_in an empty (0,) one in x's dtype.
+  dbin = dbin.defined() ? dbin.to(bias_in->scalar_type()) : at::empty({0}, x_in.options());
   return {dx, dweight, dbias, dbin};
 }
 
@@ -634,17 +640,17 @@ void average_kernel(T* hp, const T* sp, int64_t numel) {
   });
 }
 
-Tensor& average_skip_(Tensor& h, const Tensor& skip) {
+void average_skip_(Tensor& h, const Tensor& skip) {
   check_cpu(h, "h");
   check_cpu(skip, "skip");
   check_float_type(h, "h");
   TORCH_CHECK(h.sizes() == skip.sizes(), "patchddm_cpu_ext: average_skip_: h shape ", h.sizes(),
               " does not match skip shape ", skip.sizes());
-  if (h.numel() == 0) return h;
+  if (h.numel() == 0) return;
   if (!h.is_non_overlapping_and_dense()) {
     // A view with gaps: no flat pass over its storage; keep the semantics, two passes.
     h.add_(skip).mul_(0.5);
-    return h;
+    return;
   }
   Tensor s = skip;
   if (s.scalar_type() != h.scalar_type() || s.strides() != h.strides()) {
@@ -655,22 +661,16 @@ Tensor& average_skip_(Tensor& h, const Tensor& skip) {
     using T = decltype(tag);
     average_kernel<T>(h.data_ptr<T>(), s.data_ptr<T>(), h.numel());
   });
-  return h;
 }
 
 }  // namespace
 }  // namespace patchddm_cpu
 
-TORCH_LIBRARY(patchddm_cpu_ext, m) {
-  m.def("gn_silu_forward(Tensor x, Tensor weight, Tensor bias, Tensor? bias_in, int groups, float eps)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("gn_silu_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor? bias_in, Tensor mean,"
-        " Tensor rstd, int groups) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("average_skip_(Tensor(a!) h, Tensor skip) -> Tensor(a!)");
-}
-
-TORCH_LIBRARY_IMPL(patchddm_cpu_ext, CPU, m) {
-  m.impl("gn_silu_forward", &patchddm_cpu::gn_silu_forward);
-  m.impl("gn_silu_backward", &patchddm_cpu::gn_silu_backward);
+// The schemas (patchddm::gn_silu_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? bias_in,
+// SymInt groups, float eps) -> (Tensor, Tensor, Tensor), ...) are defined by torch.library
+// in Python before this library is loaded; int64_t kernels serve their SymInt arguments.
+TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
+  m.impl("gn_silu_fwd", &patchddm_cpu::gn_silu_forward);
+  m.impl("gn_silu_bwd", &patchddm_cpu::gn_silu_backward);
   m.impl("average_skip_", &patchddm_cpu::average_skip_);
 }

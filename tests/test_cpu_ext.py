@@ -1,7 +1,7 @@
 """The C++ CPU kernels (csrc/patchddm_cpu_ops.cpp) against a float64 PyTorch reference.
 
-Reference: x.double() + bias_in, F.group_norm, F.silu, gradients by autograd -- an
-independent implementation.  Errors are relative, with tolerances per output dtype:
+Reference: tests/gn_silu_reference.py in float64 (F.group_norm, F.silu), gradients by
+autograd -- an independent implementation.  Errors are relative, with tolerances per output dtype:
 
 * fp32 outputs (and the fp32 statistics/parameter gradients of every dtype): 1e-5
   (the kernels compute in fp32 with a ~20-ulp polynomial exp in the sigmoid; measured
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from gn_silu_reference import gn_silu_reference
 
-from patchddm_fast.kernels import cpu_ext
+from patchddm_fast import kernels as ops
+from patchddm_fast.kernels import composite, cpu_ext
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 TOL_F32 = 1e-5
@@ -63,18 +64,15 @@ def reference(x, w, b, bin_, dy, groups):
     xd = x.double().requires_grad_()
     wd = w.double().requires_grad_()
     bd = b.double().requires_grad_()
-    leaves = [xd, wd, bd]
-    v = xd
-    if bin_ is not None:
-        bind = bin_.double().requires_grad_()
-        leaves.append(bind)
-        v = xd + bind[:, :, None, None, None]
-    y = F.silu(F.group_norm(v, groups, wd, bd, EPS))
+    bind = bin_.double().requires_grad_() if bin_ is not None else None
+    leaves = [t for t in (xd, wd, bd, bind) if t is not None]
+    y = gn_silu_reference(xd, wd, bd, groups, EPS, bind)
     grads = torch.autograd.grad(y, leaves, dy.double())
-    flat = v.detach().reshape(x.shape[0], groups, -1)
+    v = xd.detach() if bind is None else xd.detach() + bind.detach()[:, :, None, None, None]
+    flat = v.reshape(x.shape[0], groups, -1)
     mean = flat.mean(-1)
     rstd = 1.0 / torch.sqrt(flat.var(-1, unbiased=False) + EPS)
-    # gradient w.r.t. the pre-norm input, for the dbias_in condition scale
+    # gradient w.r.t. the pre-norm input x + bias_in (= w.r.t. x), for the dbias_in condition scale
     dv = grads[0]
     return y.detach(), mean, rstd, grads, dv
 
@@ -254,9 +252,9 @@ def test_average_skip_mixed_layout_and_views(ext):
 def test_build_failure_warns_once(monkeypatch, tmp_path):
     """No usable compiler: available() is False, one warning, the ops raise clearly."""
     monkeypatch.setattr(cpu_ext, "_state", {"loaded": None, "error": None, "warned": False, "info": {}})
-    monkeypatch.setenv("PATCHDDM_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.delenv("PATCHDDM_FAST_DISABLE_CPP", raising=False)
+    monkeypatch.delenv(cpu_ext.ENV_DISABLE, raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cpu_ext.available() is False
@@ -274,9 +272,9 @@ def test_compile_error_warns_once(monkeypatch, tmp_path):
     """A source that does not compile: the compiler's message reaches the one warning."""
     (tmp_path / cpu_ext.SOURCE_NAME).write_text("#error deliberately broken\n")
     monkeypatch.setattr(cpu_ext, "_state", {"loaded": None, "error": None, "warned": False, "info": {}})
-    monkeypatch.setenv("PATCHDDM_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("PATCHDDM_FAST_CSRC", str(tmp_path))
-    monkeypatch.delenv("PATCHDDM_FAST_DISABLE_CPP", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu_ext.ENV_SOURCE, str(tmp_path))
+    monkeypatch.delenv(cpu_ext.ENV_DISABLE, raising=False)
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on this machine")
     with warnings.catch_warnings(record=True) as caught:
@@ -289,7 +287,7 @@ def test_compile_error_warns_once(monkeypatch, tmp_path):
 
 def test_disabled_by_environment_is_silent(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_state", {"loaded": None, "error": None, "warned": False, "info": {}})
-    monkeypatch.setenv("PATCHDDM_FAST_DISABLE_CPP", "1")
+    monkeypatch.setenv(cpu_ext.ENV_DISABLE, "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu_ext.available() is False
@@ -297,7 +295,7 @@ def test_disabled_by_environment_is_silent(monkeypatch):
 
 def test_import_does_not_build(tmp_path):
     """Importing the package (and this module) compiles nothing: building waits for first use."""
-    env = dict(os.environ, PATCHDDM_FAST_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
     code = (
         "import patchddm_fast, patchddm_fast.kernels.cpu_ext as m\n"
         "assert m._state['loaded'] is None, m._state\n"
@@ -306,3 +304,20 @@ def test_import_does_not_build(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any(tmp_path.iterdir()), "something was built at import time"
+
+
+def test_kernels_serve_the_ops_schemas(ext):
+    """The C++ kernels are the CPU implementation of patchddm::* (no namespace of their
+    own), and the CPU setting still chooses between them and the composite after loading."""
+    x, w, b, bin_, _ = make_inputs((1, 6, 3, 4, 5), 3, torch.float32, CL, True, 17)
+    direct = ext.gn_silu_forward(x, w, b, bin_, 3, EPS)
+    with ops.cpu_backend("cpp"):
+        through_op = torch.ops.patchddm.gn_silu_fwd(x, w, b, bin_, 3, EPS)
+    with ops.cpu_backend("composite"):
+        through_composite = torch.ops.patchddm.gn_silu_fwd(x, w, b, bin_, 3, EPS)
+    expected_composite = composite.gn_silu_forward(x, w, b, bin_, 3, EPS)
+    for a, c, d, e in zip(direct, through_op, through_composite, expected_composite):
+        assert torch.equal(a, c) and torch.equal(d, e)
+    assert not torch.equal(direct[0], through_composite[0])  # two implementations really ran
+    debug = torch._C._dispatch_dump("patchddm::gn_silu_fwd")
+    assert "patchddm_cpu_ops.cpp" in debug

@@ -21,12 +21,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gn_silu_reference import gn_silu_reference
 from patchddm_fast import kernels as ops
-from patchddm_fast.kernels import dispatch
+from patchddm_fast.kernels import backends
+from patchddm_fast.kernels import composite
+from patchddm_fast.kernels import cpu_ext
 from patchddm_fast.kernels import gn_silu
-from patchddm_fast.kernels import reference
 from patchddm_fast.kernels._layout import poisoned_outputs
-from patchddm_fast.kernels.reference import gn_silu_reference
 
 BACKENDS = ("triton-interpret", "composite")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -114,9 +115,9 @@ def test_forward_and_gradients_match_float64(backend, case):
 
 def test_interpreter_backend_runs_the_triton_launchers(monkeypatch):
     calls = []
-    for name in ("forward", "backward"):
-        real = getattr(gn_silu, name)
-        monkeypatch.setattr(gn_silu, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    for name, table in (("forward", gn_silu._FORWARD), ("backward", gn_silu._BACKWARD)):
+        real = table["triton"]
+        monkeypatch.setitem(table, "triton", lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     x, w, b, bias_in, dy = make_inputs((1, 4, 3, 2, 3), torch.float32, False, True, seed=7)
     run_fused(x, w, b, bias_in, dy, 2, "triton-interpret")
     assert calls == ["forward", "backward"]
@@ -219,21 +220,21 @@ def test_float64_runs_the_composite_on_every_backend():
 
 class TestCpuBackendSelection:
     def test_default_and_environment(self, monkeypatch):
-        monkeypatch.setattr(dispatch, "_selected", None)
-        for var in (dispatch.ENV_BACKEND, dispatch.ENV_INTERPRET, "TRITON_INTERPRET"):
+        monkeypatch.setattr(backends, "_selected", None)
+        for var in (backends.ENV_BACKEND, backends.ENV_INTERPRET, "TRITON_INTERPRET"):
             monkeypatch.delenv(var, raising=False)
-        assert dispatch.get_cpu_backend() == "auto"
-        monkeypatch.setenv(dispatch.ENV_INTERPRET, "1")
-        assert dispatch.get_cpu_backend() == "triton-interpret"
-        monkeypatch.setenv(dispatch.ENV_BACKEND, "composite")
-        assert dispatch.get_cpu_backend() == "composite"
-        monkeypatch.setenv(dispatch.ENV_BACKEND, "fortran")
-        with pytest.raises(ValueError, match=dispatch.ENV_BACKEND):
-            dispatch.get_cpu_backend()
+        assert backends.get_cpu_backend() == "auto"
+        monkeypatch.setenv(backends.ENV_INTERPRET, "1")
+        assert backends.get_cpu_backend() == "triton-interpret"
+        monkeypatch.setenv(backends.ENV_BACKEND, "composite")
+        assert backends.get_cpu_backend() == "composite"
+        monkeypatch.setenv(backends.ENV_BACKEND, "fortran")
+        with pytest.raises(ValueError, match=backends.ENV_BACKEND):
+            backends.get_cpu_backend()
 
     def test_setter_and_context_manager(self, monkeypatch):
-        monkeypatch.setattr(dispatch, "_selected", None)
-        monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+        monkeypatch.setattr(backends, "_selected", None)
+        monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
         ops.set_cpu_backend("composite")
         with ops.cpu_backend("triton-interpret"):
             assert ops.get_cpu_backend() == "triton-interpret"
@@ -243,32 +244,37 @@ class TestCpuBackendSelection:
             ops.set_cpu_backend("gpu")
 
     def test_cpp_routing(self, monkeypatch):
-        """'cpp' calls the extension when it is available and fails clearly when not."""
-        monkeypatch.setattr(dispatch, "_cpu_ext_checked", True)
-        monkeypatch.setattr(dispatch, "_cpu_ext", None)
+        """'cpp' runs the C++ kernels when they are available and fails clearly when not."""
+        monkeypatch.setattr(cpu_ext, "available", lambda: False)
         with ops.cpu_backend("cpp"), pytest.raises(RuntimeError, match="cpu_ext"):
             ops.resolve_cpu_backend()
         with ops.cpu_backend("auto"):
             assert ops.resolve_cpu_backend() == "composite"
 
-        class FakeExt:
-            calls = []
+        calls = []
 
-            @staticmethod
-            def gn_silu_forward(*args):
-                FakeExt.calls.append("fwd")
-                return reference.gn_silu_forward(*args)
+        def fake_forward(*args):
+            calls.append("fwd")
+            return composite.gn_silu_forward(*args)
 
-            @staticmethod
-            def gn_silu_backward(*args):
-                FakeExt.calls.append("bwd")
-                return reference.gn_silu_backward(*args)
+        def fake_backward(*args):
+            calls.append("bwd")
+            return composite.gn_silu_backward(*args)
 
-        monkeypatch.setattr(dispatch, "_cpu_ext", FakeExt)
+        monkeypatch.setattr(cpu_ext, "available", lambda: True)
+        monkeypatch.setitem(gn_silu._FORWARD, "cpp", fake_forward)
+        monkeypatch.setitem(gn_silu._BACKWARD, "cpp", fake_backward)
         x, w, b, _, _ = make_inputs((1, 4, 2, 2, 3), torch.float32, False, False, seed=1)
         with ops.cpu_backend("auto"):
             ops.group_norm_silu(x.requires_grad_(), w, b, 2).sum().backward()
-        assert FakeExt.calls == ["fwd", "bwd"]
+        assert calls == ["fwd", "bwd"]
+
+    def test_one_schema_per_op(self):
+        """Every op is one patchddm:: schema with a CPU and a CUDA kernel of its own."""
+        for name in ("gn_silu_fwd", "gn_silu_bwd", "average_skip_", "residual_add_"):
+            op = f"patchddm::{name}"
+            for key in ("CPU", "CUDA", "Meta"):
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")

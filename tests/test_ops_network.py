@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from patchddm_fast import kernels as ops
+from patchddm_fast.kernels import cpu_ext
 from patchddm_fast.model import ExecutionPolicy
 
 
 def _cpp_available() -> bool:
-    from patchddm_fast.kernels import cpu_ext
-
     return cpu_ext.available()
 
 

@@ -24,16 +24,16 @@ it moves 3 elements per element of h (read h, read skip, write h): the roofline 
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import composite, cpu_ext
 from ._layout import as_layout_of, layout_of
 from ._triton import KernelVariant, kernel, launch
-from .dispatch import cpu_ext_module, resolve_cpu_backend
+from .backends import cpu_implementation
 
 Tensor = torch.Tensor
 
@@ -65,24 +65,46 @@ def skip_combine_(h: Tensor, skip: Tensor, alpha: float, beta: float) -> Tensor:
     return h
 
 
-def _run(h: Tensor, skip: Tensor, alpha: float, beta: float, composite) -> None:
-    """Dispatch: Triton on CUDA and for "triton-interpret"; C++ (average only) or composite."""
-    if h.device.type == "cuda" and layout_of(h) is not None and h.dtype != torch.float64:
+# --------------------------------------------------------------------------- custom ops
+# One schema per op; a kernel per device (CUDA: Triton; CPU: the implementation
+# backends.cpu_implementation picks -- for the average the C++ kernel, which registers
+# itself for this schema's CPU key, the composite, or the Triton interpreter) and a fake
+# kernel.  float64 and layouts the kernel cannot write in place go to the composite.
+def _triton_takes(h: Tensor) -> bool:
+    return layout_of(h) is not None and h.dtype != torch.float64
+
+
+def _cpp_takes(h: Tensor) -> bool:
+    return h.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _combine_cuda(h: Tensor, skip: Tensor, alpha: float, beta: float, fallback: Callable) -> None:
+    if _triton_takes(h):
         skip_combine_(h, skip, alpha, beta)
-        return
-    backend = resolve_cpu_backend() if h.device.type == "cpu" else "composite"
-    if backend == "triton-interpret" and layout_of(h) is not None and h.dtype != torch.float64:
-        skip_combine_(h, skip, alpha, beta)
-    elif backend == "cpp" and composite is reference.average_skip_:
-        cpu_ext_module().average_skip_(h, skip)
     else:
-        composite(h, skip)
+        fallback(h, skip)
 
 
-@torch.library.custom_op("patchddm::average_skip_", mutates_args=("h",))
+def _combine_cpu(h: Tensor, skip: Tensor, alpha: float, beta: float, fallback: Callable,
+                 cpp: Optional[Callable] = None) -> None:
+    impl = cpu_implementation(triton_ok=_triton_takes(h), cpp_ok=cpp is not None and _cpp_takes(h))
+    if impl == "triton":
+        skip_combine_(h, skip, alpha, beta)
+    elif impl == "cpp":
+        cpp(h, skip)
+    else:
+        fallback(h, skip)
+
+
+@torch.library.custom_op("patchddm::average_skip_", mutates_args=("h",), device_types="cuda")
 def average_skip_op(h: Tensor, skip: Tensor) -> None:
     """h <- (h + skip) / 2 in place."""
-    _run(h, skip, 0.5, 0.5, reference.average_skip_)
+    _combine_cuda(h, skip, 0.5, 0.5, composite.average_skip_)
+
+
+@average_skip_op.register_kernel("cpu")
+def _average_skip_cpu(h: Tensor, skip: Tensor) -> None:
+    _combine_cpu(h, skip, 0.5, 0.5, composite.average_skip_, cpu_ext.average_skip_)
 
 
 @average_skip_op.register_fake
@@ -90,10 +112,16 @@ def _average_skip_fake(h, skip) -> None:
     return None
 
 
-@torch.library.custom_op("patchddm::residual_add_", mutates_args=("h",))
+@torch.library.custom_op("patchddm::residual_add_", mutates_args=("h",), device_types="cuda")
 def residual_add_op(h: Tensor, skip: Tensor) -> None:
     """h <- h + skip in place."""
-    _run(h, skip, 1.0, 1.0, reference.residual_add_)
+    _combine_cuda(h, skip, 1.0, 1.0, composite.residual_add_)
+
+
+@residual_add_op.register_kernel("cpu")
+def _residual_add_cpu(h: Tensor, skip: Tensor) -> None:
+    # No C++ kernel: torch's own in-place add is already one pass.
+    _combine_cpu(h, skip, 1.0, 1.0, composite.residual_add_)
 
 
 @residual_add_op.register_fake
@@ -101,33 +129,26 @@ def _residual_add_fake(h, skip) -> None:
     return None
 
 
-class _AverageSkip(torch.autograd.Function):
-    """Autograd for the in-place average: nothing saved, both gradients g/2."""
+# torch.library.register_autograd takes functional ops only (torch 2.13 raises "Cannot
+# register autograd formula for non-functional operator" for a schema that mutates an
+# input), and these ops must stay in place: an out-of-place average allocates a third
+# activation-sized tensor per decoder block.  So their autograd is one autograd.Function
+# around the op, applied by the public functions below.
+class _InPlaceCombine(torch.autograd.Function):
+    """Autograd of ``op(h, skip)`` writing ``alpha*h + alpha*skip`` into h: nothing saved,
+    both gradients ``alpha*g`` (the average: 0.5; the residual add: 1, g itself)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, skip: Tensor) -> Tensor:
-        average_skip_op(h, skip)
+    def forward(ctx, h: Tensor, skip: Tensor, op: Callable, alpha: float) -> Tensor:
+        op(h, skip)
         ctx.mark_dirty(h)
+        ctx.alpha = alpha
         return h
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        half = grad * 0.5
-        return half, half
-
-
-class _ResidualAdd(torch.autograd.Function):
-    """Autograd for the in-place residual add: nothing saved, both gradients g."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, skip: Tensor) -> Tensor:
-        residual_add_op(h, skip)
-        ctx.mark_dirty(h)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, grad
+        g = grad if ctx.alpha == 1.0 else grad * ctx.alpha
+        return g, g, None, None
 
 
 def _check(name: str, h: Tensor, skip: Tensor) -> None:
@@ -139,10 +160,10 @@ def _check(name: str, h: Tensor, skip: Tensor) -> None:
         raise TypeError(f"{name}: h and skip must be floating point, got {h.dtype} and {skip.dtype}")
 
 
-def _apply(name: str, function, op, h: Tensor, skip: Tensor) -> Tensor:
+def _apply(name: str, op: Callable, alpha: float, h: Tensor, skip: Tensor) -> Tensor:
     _check(name, h, skip)
     if torch.is_grad_enabled() and (h.requires_grad or skip.requires_grad):
-        return function.apply(h, skip)
+        return _InPlaceCombine.apply(h, skip, op, alpha)
     op(h, skip)
     return h
 
@@ -152,7 +173,7 @@ def average_skip_(h: Tensor, skip: Tensor) -> Tensor:
 
     See the module docstring for when writing into ``h`` is safe.
     """
-    return _apply("average_skip_", _AverageSkip, average_skip_op, h, skip)
+    return _apply("average_skip_", average_skip_op, 0.5, h, skip)
 
 
 def residual_add_(h: Tensor, skip: Tensor) -> Tensor:
@@ -161,7 +182,7 @@ def residual_add_(h: Tensor, skip: Tensor) -> Tensor:
     Safe when ``h`` was not saved by its producer (e.g. ``h`` is a conv output); see
     the module docstring.
     """
-    return _apply("residual_add_", _ResidualAdd, residual_add_op, h, skip)
+    return _apply("residual_add_", residual_add_op, 1.0, h, skip)
 
 
 def aot_variants(dtypes: Sequence[str] = ("fp32", "fp16", "bf16")) -> List[KernelVariant]:

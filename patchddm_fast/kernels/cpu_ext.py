@@ -1,69 +1,77 @@
-"""C++ CPU kernels of the fused ops, compiled on first use and cached.
+"""The C++ CPU implementation of the custom ops: built on first use, then called directly.
 
 Why: on CPU the composite PyTorch path of GroupNorm -> SiLU materialises ``x + bias_in``,
 the normalised tensor and the activation; ``csrc/patchddm_cpu_ops.cpp`` reads each input
 element once for the statistics and once for the output, and its backward recomputes the
 activation from ``x`` and the per-group (mean, rstd) instead of saving it.
 
-Build: the single source file is compiled straight with the C++ compiler (``$CXX`` or
-``c++``) into a shared library that registers the ops ``torch.ops.patchddm_cpu_ext.*``
-with the dispatcher.  No ninja, no pybind11, no Python headers are needed.  The library
-is cached under ``$PATCHDDM_FAST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/patchddm_fast`` or
-``~/.cache/patchddm_fast``) in a folder named by a hash of the source, the torch version,
-the compiler and the SIMD level torch runs with (AVX2/AVX512/default), so a cache shared
+Build: :func:`torch.utils.cpp_extension.load` compiles the single source file with ninja
+and loads it as a plain shared library (no pybind11 module).  The library has no schemas
+of its own: ``TORCH_LIBRARY_IMPL(patchddm, CPU, m)`` registers its kernels for the CPU key
+of the ops ``patchddm::gn_silu_fwd``, ``gn_silu_bwd`` and ``average_skip_`` that
+:mod:`.gn_silu` and :mod:`.average_skip` define.  The build directory is torch's
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/py3X_cpu``), where ninja
+rebuilds when the source, the flags or torch's headers change; the extension's name
+carries the SIMD level torch runs with (AVX2/AVX512/default, compiled like ATen's own
+kernels via ``CPU_CAPABILITY``, not ``-march=native``), so a build directory shared
 between machines never hands one a library built for instructions it lacks.
 
+Loading puts the C++ kernels in front of each op's Python CPU implementation (the
+selector of :mod:`.backends`, which must keep choosing between C++, the composite and the
+Triton interpreter).  :func:`_load` therefore takes each C++ kernel out with
+:func:`torch.library.get_kernel` and registers the Python implementation in front again
+-- the pattern ``get_kernel``'s documentation describes ("register another kernel to the
+same dispatch key that calls into the original kernel for certain cases").
+
 Nothing is built when :mod:`patchddm_fast` is imported: only the first call of
-:func:`available` or of an op builds/loads.  If the build fails (no compiler, unsupported
-platform, ...) :func:`available` returns False, a single :class:`RuntimeWarning` says why
-and that the composite PyTorch path is used, and the op functions raise
-:class:`RuntimeError`.  ``PATCHDDM_FAST_DISABLE_CPP=1`` turns the extension off silently.
+:func:`available` or of an op builds/loads.  If the build fails (no compiler, no ninja,
+unsupported platform, ...) :func:`available` returns False, a single
+:class:`RuntimeWarning` says why and that the composite PyTorch path is used, and the op
+functions raise :class:`RuntimeError`.  ``PATCHDDM_DISABLE_CPP=1`` turns the extension
+off silently; ``$PATCHDDM_CSRC`` names another folder holding the source.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import platform
 import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
+import torch.utils.cpp_extension
 
 __all__ = ["available", "build_info", "gn_silu_forward", "gn_silu_backward", "average_skip_"]
 
-NAMESPACE = "patchddm_cpu_ext"
+NAMESPACE = "patchddm"
+# The ops whose CPU key the library registers (csrc/patchddm_cpu_ops.cpp, TORCH_LIBRARY_IMPL).
+OPS = ("gn_silu_fwd", "gn_silu_bwd", "average_skip_")
 SOURCE_NAME = "patchddm_cpu_ops.cpp"
-_BUILD_TIMEOUT_S = 600
+ENV_SOURCE = "PATCHDDM_CSRC"
+ENV_DISABLE = "PATCHDDM_DISABLE_CPP"
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 _lock = threading.Lock()
 # loaded: None = not tried yet, True/False = outcome; error: reason when False.
 _state: dict[str, Any] = {"loaded": None, "error": None, "warned": False, "info": {}}
+_kernels: Dict[str, Any] = {}  # op name -> the C++ kernel (torch._C._SafeKernelFunction)
+_front: list = []  # the torch.library.Library objects keeping the Python CPU kernels in front
 
 
 def _source_path() -> Path:
-    """The C++ source: in ``$PATCHDDM_FAST_CSRC`` (a folder) if set, else the repository's
+    """The C++ source: in ``$PATCHDDM_CSRC`` (a folder) if set, else the repository's
     ``csrc/`` (source checkout, editable install), else ``patchddm_fast/_csrc/`` (where a
     wheel installs ``csrc/``)."""
-    folder = os.environ.get("PATCHDDM_FAST_CSRC")
+    folder = os.environ.get(ENV_SOURCE)
     if folder:
         return Path(folder) / SOURCE_NAME
     package = Path(__file__).resolve().parents[1]
     candidates = [package.parent / "csrc" / SOURCE_NAME, package / "_csrc" / SOURCE_NAME]
     return next((c for c in candidates if c.is_file()), candidates[0])
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("PATCHDDM_FAST_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "patchddm_fast"
 
 
 def _simd_flags() -> tuple[str, list[str]]:
@@ -82,80 +90,72 @@ def _simd_flags() -> tuple[str, list[str]]:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    """The compiler cpp_extension will run (``$CXX`` or ``c++``), checked up front so that a
+    missing one gives a one-line reason instead of a ninja log."""
+    cxx = os.environ.get("CXX", "c++")
+    if not shutil.which(cxx):
+        raise RuntimeError(f"no C++ compiler found ({cxx!r}; set $CXX or install g++)")
     return cxx
 
 
-def _build_command(cxx: str, src: Path, out: Path, simd: list[str]) -> list[str]:
-    torch_root = Path(torch.__file__).resolve().parent
-    include = torch_root / "include"
-    lib = torch_root / "lib"
-    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [
-        cxx, str(src), "-o", str(out),
-        "-shared", "-fPIC", "-std=c++20", "-O3", "-fopenmp", "-w",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *simd,
-        f"-I{include}",
-        f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
-    ]
-
-
-def _cache_key(cxx: str, src_bytes: bytes, cap: str, flags_probe: list[str]) -> str:
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """cpp_extension runs ``ninja`` from $PATH; the ``ninja`` wheel (install_requires) puts
+    its binary next to the interpreter, which is not on $PATH when a virtual environment
+    is used without activating it.  Adds that folder for the duration of the build."""
+    path = os.environ.get("PATH", "")
+    extra = None
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # optional here: without it, load() fails with torch's clear message
+            extra = ninja.BIN_DIR
+        except ImportError:
+            pass
+    if extra:
+        os.environ["PATH"] = extra + os.pathsep + path
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"C++ compiler {cxx!r} does not run: {exc}") from exc
-    h = hashlib.sha256()
-    for part in (src_bytes, torch.__version__.encode(), str(Path(torch.__file__).resolve()).encode(),
-                 cap.encode(), version.encode(), " ".join(flags_probe).encode(), platform.machine().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return h.hexdigest()[:20]
+        yield
+    finally:
+        if extra:
+            os.environ["PATH"] = path
 
 
 def _build_and_load() -> dict[str, Any]:
-    """Compile (unless cached) and load the library; returns build information."""
+    """Compile (unless ninja finds it up to date) and load the library; returns build information."""
     if platform.system() != "Linux":
         raise RuntimeError(f"the C++ CPU extension is built only on Linux, not {platform.system()}")
     src = _source_path()
     if not src.is_file():
-        raise RuntimeError(f"C++ source {src} not found (set $PATCHDDM_FAST_CSRC to the csrc folder)")
-    src_bytes = src.read_bytes()
+        raise RuntimeError(f"C++ source {src} not found (set ${ENV_SOURCE} to the csrc folder)")
     cxx = _compiler()
     cap, simd = _simd_flags()
-    probe = _build_command(cxx, Path("SRC"), Path("OUT"), simd)[3:]
-    folder = _cache_root() / "cpu_ext" / _cache_key(cxx, src_bytes, cap, probe)
-    lib_path = folder / f"{NAMESPACE}.so"
-    info: dict[str, Any] = {"library": str(lib_path), "simd": cap, "compiler": cxx, "cached": True,
-                            "build_seconds": 0.0}
-    if not lib_path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        # compile to a private name, then rename: concurrent processes never load a half-written file
-        fd, tmp_name = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        cmd = _build_command(cxx, src, tmp, simd)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"running the C++ compiler failed: {exc}") from exc
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
-            raise RuntimeError(f"compiling {src} failed (exit {proc.returncode}): {tail}")
-        os.replace(tmp, lib_path)
-        info.update(cached=False, build_seconds=time.perf_counter() - t0)
-    torch.ops.load_library(str(lib_path))
+    name = f"patchddm_cpu_ops_{cap.lower()}"
+    t0 = time.perf_counter()
+    with _ninja_on_path():
+        library = torch.utils.cpp_extension.load(
+            name=name, sources=[str(src)], is_python_module=False, verbose=False,
+            extra_cflags=["-O3", "-fopenmp", "-w", *simd], extra_ldflags=["-fopenmp"])
+    return {"library": str(library), "simd": cap, "compiler": cxx,
+            "build_seconds": time.perf_counter() - t0}
+
+
+def _load() -> dict[str, Any]:
+    """Build and load the library, take its kernels out, and put the Python CPU kernels back in front."""
+    if not hasattr(torch.library, "get_kernel"):
+        raise RuntimeError(f"torch {torch.__version__} lacks torch.library.get_kernel (torch >= 2.9)")
+    qualified = [f"{NAMESPACE}::{op}" for op in OPS]
+    python_kernels = {op: torch.library.get_kernel(q, "CPU") for op, q in zip(OPS, qualified)}
+    info = _build_and_load()
+    lib = torch.library.Library(NAMESPACE, "IMPL")
+    for op, q in zip(OPS, qualified):
+        _kernels[op] = torch.library.get_kernel(q, "CPU")
+        lib.impl(op, python_kernels[op].call_boxed, "CPU", with_keyset=True)
+    _front.append(lib)
     return info
 
 
 def available() -> bool:
-    """True when the C++ ops are loaded (building them on the first call if needed).
+    """True when the C++ kernels are loaded (building them on the first call if needed).
 
     On failure returns False and warns once per process; later calls return False quietly.
     """
@@ -163,11 +163,11 @@ def available() -> bool:
         return bool(_state["loaded"])
     with _lock:
         if _state["loaded"] is None:
-            if os.environ.get("PATCHDDM_FAST_DISABLE_CPP", "") not in ("", "0"):
-                _state.update(loaded=False, error="disabled by PATCHDDM_FAST_DISABLE_CPP", warned=True)
+            if os.environ.get(ENV_DISABLE, "") not in ("", "0"):
+                _state.update(loaded=False, error=f"disabled by {ENV_DISABLE}", warned=True)
             else:
                 try:
-                    _state["info"] = _build_and_load()
+                    _state["info"] = _load()
                     _state["loaded"] = True
                 except Exception as exc:  # any failure means: use the composite path
                     _state.update(loaded=False, error=str(exc))
@@ -183,20 +183,20 @@ def available() -> bool:
 
 
 def build_info() -> dict[str, Any]:
-    """Where the library lies, the SIMD level, whether it came from the cache, build time;
+    """Where the library lies, the SIMD level, the compiler and the load time (build included);
     or the reason it is unavailable (``{"error": ...}``)."""
     if not available():
         return {"error": _state["error"]}
     return dict(_state["info"])
 
 
-def _ops() -> Any:
+def _kernel(op: str) -> Any:
     if not available():
         raise RuntimeError(
             f"patchddm_fast C++ CPU extension unavailable ({_state['error']}); "
             "check cpu_ext.available() and use the composite path"
         )
-    return getattr(torch.ops, NAMESPACE)
+    return _kernels[op]
 
 
 def gn_silu_forward(
@@ -213,7 +213,8 @@ def gn_silu_forward(
     layouts are made contiguous).  weight, bias: (C,); bias_in: (N, C) or None.
     Returns y (x's dtype and layout), mean and rstd (float32, (N, groups)).
     """
-    y, mean, rstd = _ops().gn_silu_forward(x, weight, bias, bias_in, int(groups), float(eps))
+    y, mean, rstd = _kernel("gn_silu_fwd").call_boxed(_CPU_KEYS, x, weight, bias, bias_in,
+                                                      int(groups), float(eps))
     return y, mean, rstd
 
 
@@ -232,10 +233,12 @@ def gn_silu_backward(
     Returns dx (x's dtype and layout), dweight, dbias (weight's/bias's dtype) and
     dbias_in ((N, C), bias_in's dtype; None when bias_in is None).
     """
-    dx, dw, db, dbin = _ops().gn_silu_backward(dy, x, weight, bias, bias_in, mean, rstd, int(groups))
+    dx, dw, db, dbin = _kernel("gn_silu_bwd").call_boxed(_CPU_KEYS, dy, x, weight, bias, bias_in,
+                                                         mean, rstd, int(groups))
     return dx, dw, db, (dbin if bias_in is not None else None)
 
 
 def average_skip_(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """h <- (h + skip) / 2 in place, in one pass over dense tensors; returns h."""
-    return _ops().average_skip_(h, skip)
+    _kernel("average_skip_").call_boxed(_CPU_KEYS, h, skip)
+    return h

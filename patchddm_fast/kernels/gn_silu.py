@@ -29,7 +29,7 @@ Forward = 3 kernels:
   2. ``_gn_combine_kernel``: per (n, g), Chan-combines the chunk partials (two passes
      over them: weighted mean, then M2) into mean and rstd = 1/sqrt(M2/count + eps).
   3. ``_gn_silu_fwd_kernel``: y = silu((x - (mean - bias_in)) * rstd * w + b).
-Backward = 3 kernels (closed form in :mod:`.reference`):
+Backward = 3 kernels (closed form in :mod:`.composite`):
   4. ``_gn_silu_bwd_reduce_kernel``: recomputes xhat, u, sigmoid(u) from x and the
      stats; per-(n, chunk, c) partial sums of gu, gu*xhat and xhat.
   5. ``_gn_silu_bwd_finalize_kernel``: per group, sums the partials over chunks and
@@ -57,10 +57,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import composite, cpu_ext
 from ._layout import as_layout_of, empty_in_layout, fresh, in_kernel_layout, layout_of, memory_format
 from ._triton import KernelVariant, kernel, launch, next_power_of_2, sigmoid_, sum_
-from .dispatch import cpu_ext_module, resolve_cpu_backend
+from .backends import cpu_implementation
 
 Tensor = torch.Tensor
 
@@ -481,21 +481,28 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optio
 
 
 # --------------------------------------------------------------------------- custom ops
-def _implementation(x: Tensor, groups: int):
-    """(forward, backward) functions for ``x``: Triton on CUDA, the selected CPU backend on CPU.
+# One schema per op; a kernel per device (CUDA: Triton; CPU: the implementation
+# backends.cpu_implementation picks -- the C++ kernels, which register themselves for
+# this schema's CPU key, the composite, or the Triton interpreter), a fake kernel and
+# autograd.  float64 inputs and channel counts beyond the register tile go to the
+# composite on every device (the Triton kernels compute in fp32 with at most
+# MAX_CHANNEL_LANES lanes).
+_FORWARD = {"triton": forward, "cpp": cpu_ext.gn_silu_forward, "composite": composite.gn_silu_forward}
+_BACKWARD = {"triton": backward, "cpp": cpu_ext.gn_silu_backward, "composite": composite.gn_silu_backward}
 
-    float64 inputs and channel counts beyond the register tile go to the composite on
-    any device (the kernels compute in fp32 with at most ``MAX_CHANNEL_LANES`` lanes).
-    """
-    if x.dtype == torch.float64 or not supported(groups, x.shape[1] // groups):
-        return reference.gn_silu_forward, reference.gn_silu_backward
-    backend = "triton" if x.device.type == "cuda" else resolve_cpu_backend()
-    if backend in ("triton", "triton-interpret"):
-        return forward, backward
-    if backend == "cpp":
-        ext = cpu_ext_module()
-        return ext.gn_silu_forward, ext.gn_silu_backward
-    return reference.gn_silu_forward, reference.gn_silu_backward
+
+def _kernels_take(x: Tensor, groups: int) -> bool:
+    """Whether the Triton and C++ kernels take ``x`` (else the composite runs)."""
+    return x.dtype != torch.float64 and supported(groups, x.shape[1] // groups)
+
+
+def _cuda_implementation(x: Tensor, groups: int) -> str:
+    return "triton" if _kernels_take(x, groups) else "composite"
+
+
+def _cpu_implementation(x: Tensor, groups: int) -> str:
+    ok = _kernels_take(x, groups)
+    return cpu_implementation(triton_ok=ok, cpp_ok=ok)
 
 
 def _conform(t: Tensor, like: Tensor) -> Tensor:
@@ -506,13 +513,31 @@ def _conform(t: Tensor, like: Tensor) -> Tensor:
     return t.contiguous(memory_format=memory_format(want, t.dim()))
 
 
-@torch.library.custom_op("patchddm::gn_silu_fwd", mutates_args=())
+def _run_forward(impl: str, x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor],
+                 groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = _FORWARD[impl](x, weight, bias, bias_in, groups, eps)
+    return _conform(y, x), mean, rstd
+
+
+def _run_backward(impl: str, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                  bias_in: Optional[Tensor], mean: Tensor, rstd: Tensor, groups: int
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dweight, dbias, dbias_in = _BACKWARD[impl](dy, x, weight, bias, bias_in, mean, rstd, groups)
+    if dbias_in is None:
+        dbias_in = x.new_empty((0,))
+    return _conform(dx, x), dweight, dbias, dbias_in
+
+
+@torch.library.custom_op("patchddm::gn_silu_fwd", mutates_args=(), device_types="cuda")
 def gn_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], groups: int,
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward: ``(y, mean, rstd)``; only x (+bias_in) and the stats are kept for backward."""
-    fwd, _ = _implementation(x, groups)
-    y, mean, rstd = fwd(x, weight, bias, bias_in, groups, eps)
-    return _conform(y, x), mean, rstd
+    return _run_forward(_cuda_implementation(x, groups), x, weight, bias, bias_in, groups, eps)
+
+
+@gn_silu_fwd.register_kernel("cpu")
+def _gn_silu_fwd_cpu(x, weight, bias, bias_in, groups, eps):
+    return _run_forward(_cpu_implementation(x, groups), x, weight, bias, bias_in, groups, eps)
 
 
 @gn_silu_fwd.register_fake
@@ -522,15 +547,18 @@ def _gn_silu_fwd_fake(x, weight, bias, bias_in, groups, eps):
             x.new_empty(stats, dtype=torch.float32))
 
 
-@torch.library.custom_op("patchddm::gn_silu_bwd", mutates_args=())
+@torch.library.custom_op("patchddm::gn_silu_bwd", mutates_args=(), device_types="cuda")
 def gn_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor],
                 mean: Tensor, rstd: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: ``(dx, dweight, dbias, dbias_in)``; dbias_in is empty (0,) without bias_in."""
-    _, bwd = _implementation(x, groups)
-    dx, dweight, dbias, dbias_in = bwd(dy, x, weight, bias, bias_in, mean, rstd, groups)
-    if dbias_in is None:
-        dbias_in = x.new_empty((0,))
-    return _conform(dx, x), dweight, dbias, dbias_in
+    return _run_backward(_cuda_implementation(x, groups), dy, x, weight, bias, bias_in, mean, rstd,
+                         groups)
+
+
+@gn_silu_bwd.register_kernel("cpu")
+def _gn_silu_bwd_cpu(dy, x, weight, bias, bias_in, mean, rstd, groups):
+    return _run_backward(_cpu_implementation(x, groups), dy, x, weight, bias, bias_in, mean, rstd,
+                         groups)
 
 
 @gn_silu_bwd.register_fake

@@ -1,17 +1,14 @@
-"""Plain-PyTorch versions of the fused ops: the float64 reference and the CPU composite.
+"""The composite implementation of the fused ops: plain PyTorch, any device, any float dtype.
 
-Two different things live here, on purpose written differently:
-
-* :func:`gn_silu_reference` -- ``SiLU(GroupNorm(x + bias_in))`` built from
-  ``F.group_norm`` and ``F.silu`` in the *input's* dtype, differentiable by autograd.
-  Called with float64 tensors it is the ground truth the kernels are tested against
-  (forward and all four gradients).
-* :func:`gn_silu_forward` / :func:`gn_silu_backward` / :func:`average_skip_` /
-  :func:`residual_add_` -- the composite CPU implementation of the custom ops, with
-  exactly the signatures of the C++ extension (``patchddm_fast.kernels.cpu_ext``) so the
-  dispatcher can swap one for the other.  It writes the backward out by hand (the same
-  closed form the Triton kernels use), computes in fp32 (fp64 for fp64 inputs), and
-  like the kernels keeps nothing but the per-group float32 (mean, rstd) for backward.
+The CPU kernels fall back to it (no C++ compiler, float64, shapes the other
+implementations do not take; :mod:`.backends`), and so do the CUDA kernels for float64.
+:func:`gn_silu_forward` / :func:`gn_silu_backward` / :func:`average_skip_` /
+:func:`residual_add_` have exactly the signatures of the Triton launchers and of the C++
+kernels (:mod:`.cpu_ext`).  The backward is written out by hand (the same closed form
+the Triton and C++ kernels use), computes in fp32 (fp64 for fp64 inputs), and like the
+kernels keeps nothing but the per-group float32 (mean, rstd) for backward.  (The float64
+ground truth the kernels are tested against, built from ``F.group_norm`` and ``F.silu``
+and differentiated by autograd, is test code: tests/gn_silu_reference.py.)
 
 Backward closed form (per sample n, group g of M = cpg*S elements; z = x + bias_in):
   xhat = (z - mean) * rstd,  u = xhat*w + b,  y = u*sigmoid(u)
@@ -31,14 +28,6 @@ import torch.nn.functional as F
 from ._layout import empty_in_layout
 
 Tensor = torch.Tensor
-
-
-def gn_silu_reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float = 1e-5,
-                      bias_in: Optional[Tensor] = None) -> Tensor:
-    """``SiLU(GroupNorm(x + bias_in))`` in the dtype of ``x`` (use float64 for ground truth)."""
-    if bias_in is not None:
-        x = x + bias_in.reshape(*bias_in.shape, *([1] * (x.dim() - 2)))
-    return F.silu(F.group_norm(x, groups, weight, bias, eps))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
