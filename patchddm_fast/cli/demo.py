@@ -78,7 +78,7 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
     an ensemble; returns the metrics (also written to ``out/metrics.json``) with timings.
 
     The one training-and-scoring path of the demo and of ``benchmarks/ablation.py``."""
-    from patchddm_fast.training.checkpoint import atomic_write_text
+    from patchddm_fast.core.files import atomic_write_text
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.training.sources import load_cases
     from patchddm_fast.cli.showcase import evaluate_cases

@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, ctx, device: str) -> int:
     from patchddm_fast.training import distributed
-    from patchddm_fast.training.checkpoint import atomic_write_text, load_for_inference
+    from patchddm_fast.core.files import atomic_write_text
+    from patchddm_fast.training.checkpoint import load_for_inference
     from patchddm_fast.data.layouts import PREDICTION_MARKER
     from patchddm_fast.data.training_sets import preprocess_config_for
     from patchddm_fast.core.safe_paths import output_folder

@@ -76,7 +76,7 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
     A region model (3 output channels) is scored per region (WT/TC/ET, with lesion-wise and
     uncertainty scores) against the ground truth's labels read in ``convention``; its
     top-level scores are the whole tumour's."""
-    from patchddm_fast.training.checkpoint import atomic_write_text
+    from patchddm_fast.core.files import atomic_write_text
     from patchddm_fast.core.safe_paths import check_case_id, check_targets, confined, output_folder
 
     out_dir = output_folder(out_dir, "--out")

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, atomic_write_text, build_model, check_weights_match,
-                                      load_checkpoint, remove_stale_temp_files, save_checkpoint)
+from patchddm_fast.core.files import atomic_write_text, remove_stale_temp_files
+from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, build_model, check_weights_match, load_checkpoint,
+                                      save_checkpoint)
 from patchddm_fast.model.conditioning import network_input
 from patchddm_fast.config import TrainConfig
 from patchddm_fast.training import distributed
