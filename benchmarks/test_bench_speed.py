@@ -43,7 +43,7 @@ def flush_denormals():
 
 def _model(ops: str, checkpoint: str) -> UNet3D:
     torch.manual_seed(0)  # identical weights for every recipe
-    return UNet3D.from_preset(PRESET, ops=ops, checkpoint=checkpoint)
+    return UNet3D.from_method(PRESET, ops=ops, checkpoint=checkpoint)
 
 
 def _timed(fn: Callable[[], object], into: List[float]) -> None:

@@ -98,7 +98,7 @@ def test_tiled_inference_matches_the_plain_forward(ops, offload, monkeypatch):
 def test_parameter_count_is_unchanged_by_every_mode():
     with torch.device("meta"):
         for mode in CHECKPOINT_MODES:
-            assert count_parameters(UNet3D.from_preset("patchddm", checkpoint=mode)) == 24_260_299
+            assert count_parameters(UNet3D.from_method("patchddm", checkpoint=mode)) == 24_260_299
 
 
 def test_unknown_modes_are_rejected():

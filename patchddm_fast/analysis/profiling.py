@@ -78,7 +78,7 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     torch.cuda.init()
     sampler = NvmlSampler(device.index, interval_s)
     before = sampler.read()
-    model = configure(UNet3D.from_preset(preset, ops=s.ops, checkpoint=s.checkpoint).to(device),
+    model = configure(UNet3D.from_method(preset, ops=s.ops, checkpoint=s.checkpoint).to(device),
                       offload=s.offload, tiled=s.tiled)
     cin = model.config["in_channels"]
     gen = torch.Generator(device=device).manual_seed(0)

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from patchddm_fast.training.cases import CaseSource, read_whole
-from patchddm_fast.data.phantom import CHANNELS
+from patchddm_fast.data.layouts import MODALITIES
 from patchddm_fast.eval.lesionwise import lesion_wise
 from patchddm_fast.eval.metrics import dice, hd95
 from patchddm_fast.data.regions import REGION_NAMES, label_map, nest_regions, region_masks
@@ -127,7 +127,7 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
         if figures:
             from patchddm_fast.eval.figures import case_figure
 
-            case_figure(image[CHANNELS.index("flair")].numpy(), gt > 0, mean_wt, var_wt,
+            case_figure(image[MODALITIES.index("flair")].numpy(), gt > 0, mean_wt, var_wt,
                         Path(f"{prefix}_montage.png"), title=f"{case.case_id}: Dice {records[-1]['dice']:.3f}")
     if figures and records:
         from patchddm_fast.eval.figures import uncertainty_figure

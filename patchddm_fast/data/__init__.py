@@ -21,7 +21,7 @@ from patchddm_fast.data.patches import (
     trapezoid_split,
     unpad,
 )
-from patchddm_fast.data.phantom import CHANNELS, PhantomCase, case_seed, make_phantom, make_phantom_dataset
+from patchddm_fast.data.phantom import PhantomCase, case_seed, make_phantom, make_phantom_dataset
 from patchddm_fast.data.cache import CachedVolume, VolumeCache, cache_key, default_cache_dir
 from patchddm_fast.data.dataset import CachedVolumeDataset, measure_throughput
 from patchddm_fast.core.errors import DatasetError
@@ -44,7 +44,6 @@ from patchddm_fast.data.volumes import LoadedCase, load_case
 __all__ = [
     "BRATS2023_REGIONS",
     "BRATS_REGIONS",
-    "CHANNELS",
     "CachedVolume",
     "CachedVolumeDataset",
     "Case",

@@ -19,7 +19,8 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import torch
 
-from patchddm_fast.model.conditioning import PATCH_METHODS, check_method, condition, target_mask
+from patchddm_fast.model.conditioning import condition, target_mask
+from patchddm_fast.model.method import get_method
 from patchddm_fast.data.patches import PatchOffsetSampler, pad_to_multiple
 
 
@@ -90,12 +91,12 @@ class BatchSampler:
                  target: str = "binary", convention: str = "brats2020"):
         if not cases:
             raise ValueError("no training cases")
-        self.method = check_method(method)
+        self.method = get_method(method)
         self.target, self.convention = target, convention
         self.cases = list(cases)
         shapes = {tuple(c.shape) for c in self.cases}
         self.patch: Optional[Tuple[int, int, int]] = None
-        if method in PATCH_METHODS:
+        if self.method.patches:
             self.patch = (patch_size,) * 3
             self.offsets = {s: PatchOffsetSampler(s, self.patch, distribution=distribution) for s in shapes}
         elif len(shapes) > 1:

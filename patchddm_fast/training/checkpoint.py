@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from patchddm_fast.core.files import atomic_write_bytes
+from patchddm_fast.model.method import IMAGE_CHANNELS, get_method
+from patchddm_fast.model.unet import UNet3D
 
 FORMAT_VERSION = 2  # 2: with the sha256 digest; 1: without (still readable)
 REQUIRED_CONFIG_KEYS = ("method", "model", "diffusion")
@@ -156,14 +158,9 @@ def check_weights_match(model: torch.nn.Module, weights: Dict[str, Any], path: P
 
 def build_model(config: Dict[str, Any]):
     """The network a run's config describes (same code path for training and inference)."""
-    from patchddm_fast.model.conditioning import in_channels
-    from patchddm_fast.model.unet import UNet3D
-    from patchddm_fast.data.regions import target_channels
-
     arch = dict(config["model"])
-    mask_channels = target_channels(config.get("target", "binary"))
-    arch["in_channels"] = in_channels(config["method"], config.get("image_channels", 4), mask_channels)
-    arch["out_channels"] = mask_channels
+    arch.update(get_method(config["method"]).network_channels(config.get("target", "binary"),
+                                                              config.get("image_channels", IMAGE_CHANNELS)))
     return UNet3D(**arch, ops=config.get("ops", "reference"), checkpoint=config.get("checkpoint", "none"))
 
 
