@@ -8,7 +8,8 @@ import torch
 
 from patchddm_fast import Trainer
 from patchddm_fast.training.checkpoint import build_model, load_for_inference
-from patchddm_fast.model.conditioning import in_channels, target_mask
+from patchddm_fast.model.conditioning import target_mask
+from patchddm_fast.model.method import get_method
 from patchddm_fast.training.cases import BatchSampler, step_generators
 from patchddm_fast.training.sources import phantom_cases
 from patchddm_fast.data.regions import label_map, region_masks
@@ -31,7 +32,7 @@ def test_only_first_and_last_layers_change():
     assert b.keys() == r.keys()
     changed = {k for k in b if b[k].shape != r[k].shape}
     assert changed == {"conv_in.weight", "conv_out.weight", "conv_out.bias"}
-    assert r["conv_in.weight"].shape[1] == in_channels("patchddm", 4, 3) == 10
+    assert r["conv_in.weight"].shape[1] == get_method("patchddm").in_channels("regions") == 10
     assert r["conv_out.weight"].shape[0] == 3
 
 
