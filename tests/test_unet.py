@@ -44,7 +44,7 @@ def test_bad_sizes_give_clear_errors(tiny_unet_factory):
         m(torch.randn(1, 5, 8, 10, 8), torch.tensor([1]))
     with pytest.raises(ValueError, match="5 input channels"):
         m(torch.randn(1, 4, 8, 8, 8), torch.tensor([1]))
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="method must be one of"):
         UNet3D.from_method("nope")
     with pytest.raises(ValueError, match="divisible by groups"):
         UNet3D(base_width=10, groups=4)
