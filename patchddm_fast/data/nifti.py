@@ -150,6 +150,14 @@ def affines_match(a: np.ndarray, b: np.ndarray, atol: float = AFFINE_ATOL) -> bo
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=0.0, atol=atol))
 
 
+def shifted_affine(affine: np.ndarray, offset) -> np.ndarray:
+    """The affine of a grid whose voxel ``n`` is voxel ``n - offset`` of ``affine``'s grid (a grid
+    padded by ``offset`` voxels before each axis, or cropped where an offset is negative)."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] -= out[:3, :3] @ np.asarray(offset, dtype=np.float64)
+    return out
+
+
 def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: PathLike, dtype, description: str = "") -> Path:
     """Write ``data`` with ``reference``'s header (affine, qform/sform codes, zooms, units) as ``dtype``.
 

@@ -13,7 +13,7 @@ independently.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 
 from patchddm_fast.model.conditioning import condition, target_mask
 from patchddm_fast.model.method import get_method
+from patchddm_fast.data.nifti import shifted_affine
 from patchddm_fast.data.patches import PatchOffsetSampler, pad_to_multiple
 
 
@@ -29,6 +30,9 @@ class CaseSource(Protocol):
 
     @property
     def shape(self) -> Tuple[int, int, int]: ...
+
+    @property
+    def affine(self) -> np.ndarray: ...  # the padded grid's voxel -> world matrix (4, 4)
 
     def read(self, origin: Sequence[int] = (0, 0, 0), size: Optional[Sequence[int]] = None): ...
 
@@ -40,6 +44,7 @@ class VolumeCase:
     case_id: str
     image: torch.Tensor  # (4, D, H, W) float32 in [0, 1], padded
     label: torch.Tensor  # (D, H, W) uint8 label values (0/1, or BraTS classes), padded
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))  # the padded grid's voxel -> world
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -51,13 +56,15 @@ class VolumeCase:
         return self.image[(slice(None),) + window], self.label[window]
 
 
-def pad_case(case_id: str, image, label, multiple: int) -> VolumeCase:
-    """A padded in-memory case; the label keeps its values (bool labels become 0/1)."""
+def pad_case(case_id: str, image, label, multiple: int, affine: Optional[np.ndarray] = None) -> VolumeCase:
+    """A padded in-memory case; the label keeps its values (bool labels become 0/1); ``affine``
+    (default identity) is the unpadded grid's and is moved with the padding."""
     image = torch.as_tensor(np.asarray(image, dtype=np.float32))
     label = torch.as_tensor(np.asarray(label).astype(np.uint8))
-    image, _ = pad_to_multiple(image, multiple)
+    image, spec = pad_to_multiple(image, multiple)
     label, _ = pad_to_multiple(label[None].float(), multiple)
-    return VolumeCase(case_id, image, label[0].round().to(torch.uint8))
+    affine = shifted_affine(np.eye(4) if affine is None else affine, [before for before, _ in spec])
+    return VolumeCase(case_id, image, label[0].round().to(torch.uint8), affine)
 
 
 def read_whole(case: CaseSource, binary: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
