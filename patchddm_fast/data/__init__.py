@@ -1,4 +1,5 @@
-"""Data: built-in phantoms, the patch/coordinate data path, and real data in: NIfTI datasets, validation, preprocessing, cache and splits.
+"""Data: built-in phantoms, the patch data path, and real data in: NIfTI datasets, validation,
+preprocessing, cache, splits, BraTS label conventions and regions.
 
 Typical use::
 
@@ -7,7 +8,12 @@ Typical use::
     vols = VolumeCache("cache").build(ds, PreprocessConfig())  # validates + caches every case
     train = CachedVolumeDataset(vols, patch_size=128)          # (image, label, origin) items
 
-Every problem with the user's files raises :class:`DatasetError` naming the file.
+Every problem with the user's files raises :class:`DatasetError` naming the file.  The
+modality names (t1, t1ce, t2, flair) live in :data:`~patchddm_fast.data.layouts.MODALITIES`.
+
+Layer 1: may import core (and numpy, torch, nibabel, scipy); never the model, diffusion,
+eval, training, sampling, analysis or the CLI -- how the network is conditioned on these
+arrays is :mod:`patchddm_fast.model.conditioning`'s.
 """
 from patchddm_fast.data.patches import (
     OFFSET_DISTRIBUTIONS,
