@@ -33,6 +33,7 @@ def _np(x) -> Optional[np.ndarray]:
 
 
 def _figure(width: float, height: float):
+    # matplotlib takes about a second to import; only runs that draw pay for it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
