@@ -119,7 +119,7 @@ def segment_volume(
     """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
 
     Args:
-        method: a method name or :class:`~patchddm_fast.model.method.Method` -- must match how the
+        method: a method name (:data:`~patchddm_fast.model.method.METHODS`) -- must match how the
             model was trained.
         ensemble: number of samples N (each from its own initial noise).
         steps: DDIM steps per sample (PAPER.md: about 20 match 1000).
