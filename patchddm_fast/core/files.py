@@ -1,4 +1,5 @@
-"""Atomic file writes: the one home for "write to a temporary file, then rename it into place".
+"""Files: atomic writes -- the one home for "write to a temporary file, then rename it into
+place" -- and reading a user's JSON file with an error that names it.
 
 Every file the package writes that someone may read while it is being written (checkpoints,
 run configs and logs, metrics, NIfTI outputs) goes through :func:`atomic_path`: the data
@@ -15,11 +16,14 @@ renames a whole folder, which ``os.replace`` cannot do over an existing one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, List, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Union
+
+from patchddm_fast.core.errors import DatasetError
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,3 +98,16 @@ def remove_stale_temp_files(folder: PathLike) -> List[Path]:
             os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
+
+
+def read_json_object(path: PathLike, what: str, expected: str = "a JSON object") -> Dict[str, Any]:
+    """The JSON object stored in a user's file ``path`` (``what`` names it in messages, e.g.
+    "dataset.json"); a :class:`DatasetError` naming the file when it cannot be read or parsed,
+    or holds something other than an object (``expected`` says what it should be)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read {what} ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: {what} must be {expected}")
+    return raw

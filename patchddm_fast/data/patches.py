@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "OFFSET_DISTRIBUTIONS",
     "PatchOffsetSampler",
+    "as_triple",
     "decimate",
     "pad_to_multiple",
     "pad_to_shape",
@@ -34,7 +35,7 @@ PadSpec = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 OFFSET_DISTRIBUTIONS = ("trapezoid", "uniform")
 
 
-def _triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
+def as_triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
     """An int (repeated) or a sequence of 3 ints, each >= ``minimum``."""
     if isinstance(value, (int, np.integer)):
         value = (int(value),) * 3
@@ -73,8 +74,8 @@ class PatchOffsetSampler:
     """
 
     def __init__(self, volume_shape, patch_shape, distribution: str = "trapezoid"):
-        self.volume_shape = _triple(volume_shape, "volume_shape")
-        self.patch_shape = _triple(patch_shape, "patch_shape")
+        self.volume_shape = as_triple(volume_shape, "volume_shape")
+        self.patch_shape = as_triple(patch_shape, "patch_shape")
         if distribution not in OFFSET_DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {OFFSET_DISTRIBUTIONS}, got {distribution!r}")
         self.distribution = distribution
@@ -135,7 +136,7 @@ def pad_to_shape(tensor: Array, target_shape) -> tuple[Array, PadSpec]:
     padded copy and the pad spec that :func:`unpad` inverts.
     """
     shape = _spatial(tensor, "tensor")
-    target = _triple(target_shape, "target_shape")
+    target = as_triple(target_shape, "target_shape")
     if any(t < s for t, s in zip(target, shape)):
         raise ValueError(f"target_shape {target} is smaller than the spatial shape {shape}")
     spec = tuple(((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(shape, target))
@@ -150,7 +151,7 @@ def pad_to_multiple(tensor: Array, multiple) -> tuple[Array, PadSpec]:
     A U-Net with L levels needs sizes divisible by 2**(L-1) (64 for the paper's 7 levels).
     """
     shape = _spatial(tensor, "tensor")
-    mult = _triple(multiple, "multiple")
+    mult = as_triple(multiple, "multiple")
     target = tuple(-(-s // m) * m for s, m in zip(shape, mult))
     return pad_to_shape(tensor, target)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from patchddm_fast.data.layouts import MODALITIES
+from patchddm_fast.data.patches import as_triple
 
 __all__ = ["LARGE_NECROSIS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
 
@@ -115,18 +116,6 @@ class PhantomCase:
         return self.labels == 4
 
 
-def _check_size(size) -> tuple[int, int, int]:
-    if isinstance(size, (int, np.integer)):
-        size = (int(size),) * 3
-    try:
-        shape = tuple(int(s) for s in size)
-    except TypeError:
-        raise ValueError(f"size must be an int or a tuple of 3 ints, got {size!r}") from None
-    if len(shape) != 3 or any(s < 4 for s in shape) or any(s != t for s, t in zip(shape, size)):
-        raise ValueError(f"size must be an int or 3 ints, each >= 4, got {size!r}")
-    return shape
-
-
 def _axes(shape: tuple[int, int, int]) -> list[np.ndarray]:
     """Normalised voxel-centre coordinates in (-1, 1), shaped to broadcast along each axis."""
     out = []
@@ -196,7 +185,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     lesion-wise matching's 3-voxel dilation at 64^3: they exercise the lesion-wise metrics.
     Their parameters come from a separate random stream, so ``lesions=1`` is unchanged.
     """
-    shape = _check_size(size)
+    shape = as_triple(size, "size", minimum=4)
     core_lo, core_hi = _check_range(core, "core")
     nec_lo, nec_hi = _check_range(necrosis, "necrosis")
     if int(lesions) != lesions or not 1 <= lesions <= 3:
