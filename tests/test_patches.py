@@ -135,6 +135,18 @@ def test_network_input_puts_the_noisy_mask_last():
     assert torch.equal(out[:, :7], cond) and torch.equal(out[:, 7:], mask)
 
 
+def test_padded_case_keeps_its_voxels_in_place():
+    """pad_case moves the affine with the padding: padded voxel i + before is original voxel i."""
+    from patchddm_fast.training.cases import pad_case
+
+    affine = np.array([[0.0, 1.2, 0, 10], [1.0, 0, 0, -5], [0, 0, 0.8, 3], [0, 0, 0, 1]])
+    case = pad_case("c", np.zeros((4, 6, 7, 8), np.float32), np.zeros((6, 7, 8), bool), 4, affine)
+    before = np.array([1, 0, 0])  # 6 -> 8: (1, 1); 7 -> 8: (0, 1); 8 -> 8: (0, 0)
+    voxel = np.array([2.0, 3.0, 4.0, 1.0])
+    np.testing.assert_allclose(case.affine @ (voxel + np.r_[before, 0]), affine @ voxel)
+    assert np.array_equal(pad_case("c", np.zeros((4, 8, 8, 8)), np.zeros((8, 8, 8)), 4).affine, np.eye(4))
+
+
 def test_patches_method_is_patchddm_without_coordinates():
     """The ablation method "patches" trains on the same random patches as PatchDDM, but its
     network input has no coordinate channels (image + noisy mask only)."""
