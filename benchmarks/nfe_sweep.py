@@ -77,12 +77,13 @@ def sweep(args: argparse.Namespace) -> Dict[str, Any]:
     from patchddm_fast.diffusion.samplers import nfe, steps_for_nfe
     from patchddm_fast.sampling.segment import segment_volume
     from patchddm_fast.eval.uncertainty import uncertainty_metrics
+    from patchddm_fast.model.method import get_method
 
     model, diffusion, cfg = load_for_inference(args.model, device=args.device)
     config = TrainConfig.from_dict(cfg)
     if args.cases is not None:
         config.phantom_val = args.cases
-    multiple = model.size_multiple * (2 if config.method == "halfres" else 1)
+    multiple = get_method(config.method).size_multiple(model.size_multiple)
     _, cases = load_cases(config, multiple)
     volumes = [(c.case_id, *read_whole(c)) for c in cases]
     ens_sizes = sorted(set(args.ensembles))

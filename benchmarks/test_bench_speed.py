@@ -44,7 +44,7 @@ def flush_denormals():
 
 def _model(ops: str, recompute: str) -> UNet3D:
     torch.manual_seed(0)  # identical weights for every recipe
-    return UNet3D.from_preset(PRESET, policy=ExecutionPolicy(ops=ops, recompute=recompute))
+    return UNet3D.from_method(PRESET, policy=ExecutionPolicy(ops=ops, recompute=recompute))
 
 
 def _timed(fn: Callable[[], object], into: List[float]) -> None:

@@ -171,7 +171,7 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     """Every TrainConfig value checked for type, range and allowed names; returns the values
     normalised (whole floats to int, numbers to float).  Raises :class:`ConfigError` naming
     the source, key, value and expected form."""
-    from patchddm_fast.model.conditioning import METHODS
+    from patchddm_fast.model.method import METHODS
     from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
     from patchddm_fast.data.layouts import LAYOUTS
     from patchddm_fast.model.execution.offload import OFFLOAD_MODES

@@ -102,7 +102,7 @@ def test_parameter_count_is_unchanged_by_every_mode():
     with torch.device("meta"):
         for mode in RECOMPUTE_MODES:
             policy = ExecutionPolicy(recompute=mode)
-            assert count_parameters(UNet3D.from_preset("patchddm", policy=policy)) == 24_260_299
+            assert count_parameters(UNet3D.from_method("patchddm", policy=policy)) == 24_260_299
 
 
 def test_unknown_modes_are_rejected():

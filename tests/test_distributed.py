@@ -286,7 +286,7 @@ def test_ensemble_members_are_the_full_ensembles_members():
     from patchddm_fast.sampling.segment import segment_volume
 
     torch.manual_seed(0)
-    model = UNet3D.from_preset("patchddm", **{k: tuple(v) if isinstance(v, list) else v for k, v in ARCH.items()})
+    model = UNet3D.from_method("patchddm", **{k: tuple(v) if isinstance(v, list) else v for k, v in ARCH.items()})
     image = torch.rand(4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
     kw = dict(method="patchddm", ensemble=3, steps=2, seed=5, progress=False, keep_samples=True)
     for eta in (0.0, 1.0):  # eta > 0 draws noise at every step too

@@ -45,6 +45,18 @@ def test_cached_volume_equals_in_memory_preprocessing(dataset, built):
         assert np.prod(vol.image.shape[1:]) < np.prod(vol.shape)
 
 
+def test_network_grid_affine_places_every_voxel_where_the_scan_has_it(dataset, built):
+    """A cached volume's affine is the source's moved by the crop/pad box: network voxel
+    ``o + offset`` lies where original voxel ``o`` lies (what `sample` writes its NIfTI with)."""
+    _, vols = built
+    for i, vol in enumerate(vols):
+        source = load_case(dataset.cases[i], label_values=dataset.label_values).reference.affine
+        original = np.array([[0, 0, 0], [3, 5, 2], [19, 23, 15]], dtype=np.float64)
+        network = original + np.asarray(vol.box.offset)
+        homogeneous = lambda v: np.c_[v, np.ones(len(v))].T  # noqa: E731
+        np.testing.assert_allclose(vol.affine @ homogeneous(network), source @ homogeneous(original), atol=1e-9)
+
+
 @pytest.mark.parametrize("origin,size", [((0, 0, 0), (8, 8, 8)), ((16, 16, 16), (8, 8, 8)), ((3, 5, 7), (16, 8, 12)),
                                          ((-4, 20, 2), (8, 8, 8))])
 def test_windows_equal_slices_of_the_full_volume(dataset, built, origin, size):

@@ -1,4 +1,4 @@
-"""PatchDDM data path: offset distributions, coordinate channels, crop/decimate, pad/unpad, input order."""
+"""PatchDDM data path: offset distributions, coordinate channels, decimate, pad/unpad, input order."""
 import numpy as np
 import pytest
 import torch
@@ -6,15 +6,14 @@ from scipy import stats
 
 from patchddm_fast.data.patches import (
     PatchOffsetSampler,
-    build_model_input,
-    coordinate_channels,
-    crop,
     decimate,
     pad_to_multiple,
     pad_to_shape,
     trapezoid_split,
     unpad,
 )
+from patchddm_fast.model.conditioning import condition, network_input
+from patchddm_fast.model.method import get_method
 
 
 def _trapezoid_closed_form(a: int, b: int) -> np.ndarray:
@@ -77,36 +76,28 @@ def test_sampler_edge_cases_and_errors():
         PatchOffsetSampler(64, (32, 32))
 
 
-def test_coordinate_channels_values():
-    shape = (5, 7, 9)
-    c = coordinate_channels(shape)
-    assert c.shape == (3, *shape) and c.dtype == torch.float32
-    for k in range(3):  # channel k is torch.linspace(-1, 1, n) along axis k and constant across the others
-        ramp = torch.linspace(-1, 1, shape[k])
-        for i in range(shape[k]):
-            assert torch.all(c[k].select(k, i) == ramp[i])
-    assert torch.equal(c[:, 0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
-    assert torch.equal(c[:, -1, -1, -1], torch.tensor([1.0, 1.0, 1.0]))
-    assert torch.allclose(c[:, 2, 3, 4], torch.zeros(3), atol=1e-7)  # centre of odd sizes
-    assert coordinate_channels(shape, dtype=torch.float16).dtype == torch.float16
-
-
-def test_cropped_coordinates_are_the_patch_sub_ramp():
+def test_coordinate_channels_are_the_whole_volume_ramps_cropped_with_the_patch():
+    """PatchDDM's channels 4..6: channel k is ``torch.linspace(-1, 1, V_k)`` along axis k over the
+    whole padded volume, cropped together with the image, so a patch sees its own sub-ramp."""
     volume, patch = (24, 20, 16), (8, 8, 8)
-    coords = coordinate_channels(volume)
+    image = torch.rand(4, *volume)
+    whole = condition(image, "patchddm")
+    assert whole.shape == (7, *volume) and whole.dtype == torch.float32
+    assert torch.equal(whole[:4], image * 2 - 1)
+    assert torch.equal(whole[4:, 0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    assert torch.equal(whole[4:, -1, -1, -1], torch.tensor([1.0, 1.0, 1.0]))
     offset = PatchOffsetSampler(volume, patch).sample(np.random.default_rng(0))
-    cropped = crop(coords, offset, patch)
-    assert cropped.shape == (3, *patch)
+    window = tuple(slice(o, o + p) for o, p in zip(offset, patch))
+    cropped = condition(image[(slice(None),) + window], "patchddm", volume, offset)
+    assert cropped.shape == (7, *patch)
+    assert torch.equal(cropped, whole[(slice(None),) + window])
     for k in range(3):
         ramp = torch.linspace(-1, 1, volume[k])[offset[k]:offset[k] + patch[k]]
         view = [1, 1, 1]
         view[k] = patch[k]
-        assert torch.equal(cropped[k], ramp.reshape(view).expand(patch))
-    image = torch.arange(2 * 24 * 20 * 16, dtype=torch.float32).reshape(2, *volume)
-    assert torch.equal(crop(image, offset, patch), image[:, offset[0]:offset[0] + 8, offset[1]:offset[1] + 8,
-                                                          offset[2]:offset[2] + 8])
-    with pytest.raises(ValueError, match="does not fit"):
-        crop(image, (20, 0, 0), patch)
+        assert torch.equal(cropped[4 + k], ramp.reshape(view).expand(patch))
+    assert condition(image, "fullres").shape == (4, *volume)
+    assert torch.equal(condition(image, "halfres"), decimate(image * 2 - 1))
 
 
 def test_decimate():
@@ -135,33 +126,35 @@ def test_pad_unpad_round_trip_odd_sizes():
         pad_to_shape(x, (8, 8, 8))
 
 
-def test_build_model_input_order_and_broadcast():
+def test_network_input_puts_the_noisy_mask_last():
     n, shape = 2, (4, 4, 4)
-    image = torch.rand(n, 4, *shape)
+    cond = condition(torch.rand(4, *shape), "patchddm")[None].expand(n, -1, -1, -1, -1)
     mask = torch.randn(n, 1, *shape)
-    coords = coordinate_channels(shape)
-    out = build_model_input(image, mask, coords)
+    out = network_input(cond, mask)
     assert out.shape == (n, 8, *shape)
-    assert torch.equal(out[:, :4], image)
-    assert torch.equal(out[0, 4:7], coords) and torch.equal(out[1, 4:7], coords)
-    assert torch.equal(out[:, 7:], mask)
-    plain = build_model_input(image[0], mask[0])  # unbatched, no coordinates (FullRes/HalfRes)
-    assert plain.shape == (5, *shape) and torch.equal(plain[4:], mask[0])
-    with pytest.raises(ValueError, match="noisy_mask"):
-        build_model_input(image, mask[:, 0])
-    with pytest.raises(ValueError, match="coords"):
-        build_model_input(image, mask, coordinate_channels((4, 4, 5)))
+    assert torch.equal(out[:, :7], cond) and torch.equal(out[:, 7:], mask)
+
+
+def test_padded_case_keeps_its_voxels_in_place():
+    """pad_case moves the affine with the padding: padded voxel i + before is original voxel i."""
+    from patchddm_fast.training.cases import pad_case
+
+    affine = np.array([[0.0, 1.2, 0, 10], [1.0, 0, 0, -5], [0, 0, 0.8, 3], [0, 0, 0, 1]])
+    case = pad_case("c", np.zeros((4, 6, 7, 8), np.float32), np.zeros((6, 7, 8), bool), 4, affine)
+    before = np.array([1, 0, 0])  # 6 -> 8: (1, 1); 7 -> 8: (0, 1); 8 -> 8: (0, 0)
+    voxel = np.array([2.0, 3.0, 4.0, 1.0])
+    np.testing.assert_allclose(case.affine @ (voxel + np.r_[before, 0]), affine @ voxel)
+    assert np.array_equal(pad_case("c", np.zeros((4, 8, 8, 8)), np.zeros((8, 8, 8)), 4).affine, np.eye(4))
 
 
 def test_patches_method_is_patchddm_without_coordinates():
     """The ablation method "patches" trains on the same random patches as PatchDDM, but its
     network input has no coordinate channels (image + noisy mask only)."""
-    from patchddm_fast.model.conditioning import in_channels
     from patchddm_fast.training.cases import BatchSampler, pad_case
 
     rng = np.random.default_rng(0)
     case = pad_case("c", rng.random((4, 16, 16, 16), dtype=np.float32), rng.random((16, 16, 16)) > 0.5, 8)
-    assert in_channels("patches") == 5 and in_channels("patchddm") == 8
+    assert get_method("patches").in_channels() == 5 and get_method("patchddm").in_channels() == 8
     with_coords = BatchSampler([case], "patchddm", patch_size=8).batch(np.random.default_rng(1), 2)
     without = BatchSampler([case], "patches", patch_size=8).batch(np.random.default_rng(1), 2)
     assert with_coords[0].shape == (2, 7, 8, 8, 8) and without[0].shape == (2, 4, 8, 8, 8)

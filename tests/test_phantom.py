@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from patchddm_fast.data.phantom import CHANNELS, make_phantom, make_phantom_dataset
+from patchddm_fast.data.layouts import MODALITIES
+from patchddm_fast.data.phantom import make_phantom, make_phantom_dataset
 
 SIZE = 64
 SEEDS = range(6)
@@ -36,7 +37,7 @@ def test_dtypes_shapes_and_ranges(cases):
         np.testing.assert_array_equal(case.label, case.labels > 0)
         assert np.all(case.image[:, ~case.head_mask] == 0.0)  # exact zeros outside the head
         assert (case.image[:, case.brain_mask] > 0).mean() > 0.99
-        assert len(CHANNELS) == case.image.shape[0]
+        assert len(MODALITIES) == case.image.shape[0]
 
 
 def test_tumour_inside_brain_nested_and_sized(cases):

@@ -8,7 +8,8 @@ import torch
 
 from patchddm_fast import Trainer
 from patchddm_fast.training.checkpoint import build_model, load_for_inference
-from patchddm_fast.model.conditioning import in_channels, target_mask
+from patchddm_fast.model.conditioning import target_mask
+from patchddm_fast.model.method import get_method
 from patchddm_fast.training.cases import BatchSampler, step_generators
 from patchddm_fast.training.sources import phantom_cases
 from patchddm_fast.data.regions import label_map, region_masks
@@ -31,7 +32,7 @@ def test_only_first_and_last_layers_change():
     assert b.keys() == r.keys()
     changed = {k for k in b if b[k].shape != r[k].shape}
     assert changed == {"conv_in.weight", "conv_out.weight", "conv_out.bias"}
-    assert r["conv_in.weight"].shape[1] == in_channels("patchddm", 4, 3) == 10
+    assert r["conv_in.weight"].shape[1] == get_method("patchddm").in_channels("regions") == 10
     assert r["conv_out.weight"].shape[0] == 3
 
 
@@ -68,12 +69,15 @@ def test_region_run_end_to_end(tmp_path):
     assert not (res.mask[1] & ~res.mask[0]).any() and not (res.mask[2] & ~res.mask[1]).any()
 
     val = phantom_cases(1, 16, seed=5, multiple=2)
+    val[0].affine = np.diag([1.2, 1.0, 0.8, 1.0])  # an anisotropic grid: every output must keep it
     metrics = evaluate_cases(model, diffusion, "patchddm", val, tmp_path / "out", ensemble=2, steps=2, seed=0,
                              progress=False, figures=False, convention="brats2020")
     assert set(metrics["regions"]) == {"WT", "TC", "ET"}
     rec = metrics["cases"][0]
     assert rec["dice"] == rec["regions"]["WT"]["dice"]
     seg = np.asarray(nib.load(tmp_path / "out" / f"{val[0].case_id}_seg.nii.gz").dataobj)
+    for written in (tmp_path / "out").glob("*.nii.gz"):
+        np.testing.assert_allclose(nib.load(written).affine, val[0].affine, atol=1e-6)
     assert set(np.unique(seg)) <= {0, 1, 2, 4}
     probs = np.stack([np.asarray(nib.load(tmp_path / "out" / f"{val[0].case_id}_mean_{n}.nii.gz").dataobj)
                       for n in ("WT", "TC", "ET")])

@@ -206,7 +206,7 @@ def test_planner_picks_the_largest_member_batch_that_fits():
     from patchddm_fast.analysis import fits_budget, plan, simulate
     from patchddm_fast.analysis.planner import max_sample_batch, planner_arch
 
-    net = UNet3D.from_preset("patchddm", base_width=8, channel_mult=(1, 2, 2), groups=4)
+    net = UNet3D.from_method("patchddm", base_width=8, channel_mult=(1, 2, 2), groups=4)
     arch = planner_arch(net.config)
 
     def process(batch, settings):

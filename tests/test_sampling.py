@@ -7,7 +7,8 @@ import torch
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.model.unet import UNet3D
 from patchddm_fast.sampling.segment import segment_volume
-from patchddm_fast.cli.showcase import format_table, summarise
+from patchddm_fast.cli.showcase import format_table
+from patchddm_fast.eval.scoring import summarise
 
 TINY = dict(base_width=8, channel_mult=(1, 2, 2), enc_blocks=1, dec_blocks=2, mid_blocks=1, groups=4)
 

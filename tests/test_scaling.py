@@ -24,7 +24,7 @@ def test_profile_counts_every_parameter_once_and_buckets_match_ddp():
     from patchddm_fast.model.unet import UNet3D
 
     profile = backward_profile("patchddm", 16, TINY)
-    model = UNet3D.from_preset("patchddm", **TINY)
+    model = UNet3D.from_method("patchddm", **TINY)
     assert sum(b for b, _ in profile) == 4 * sum(p.numel() for p in model.parameters())
     assert sum(s for _, s in profile) == pytest.approx(1.0)
     buckets = bucket_ready_times(profile, 1.0, first_cap=10_000, cap=40_000)

@@ -8,11 +8,11 @@ from patchddm_fast.model import ExecutionPolicy, count_parameters, timestep_embe
 
 @pytest.mark.parametrize("preset,expected", [("patchddm", 24_260_299), ("fullres", 24_257_950), ("halfres", 24_257_950)])
 def test_paper_parameter_counts(preset, expected):
-    assert count_parameters(UNet3D.from_preset(preset)) == expected
+    assert count_parameters(UNet3D.from_method(preset)) == expected
 
 
 def test_paper_network_structure():
-    m = UNet3D.from_preset("patchddm")
+    m = UNet3D.from_method("patchddm")
     assert m.size_multiple == 64
     convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv3d)]
     assert convs[0].in_channels == 8 and convs[0].out_channels == 29
@@ -32,7 +32,7 @@ def test_output_shapes(tiny_unet_factory, size):
 
 
 def test_paper_network_runs_at_64(tiny_unet_factory):
-    m = UNet3D.from_preset("patchddm")
+    m = UNet3D.from_method("patchddm")
     with torch.no_grad():
         y = m(torch.randn(1, 8, 64, 64, 64), torch.tensor([500]))
     assert y.shape == (1, 1, 64, 64, 64)
@@ -44,8 +44,8 @@ def test_bad_sizes_give_clear_errors(tiny_unet_factory):
         m(torch.randn(1, 5, 8, 10, 8), torch.tensor([1]))
     with pytest.raises(ValueError, match="5 input channels"):
         m(torch.randn(1, 4, 8, 8, 8), torch.tensor([1]))
-    with pytest.raises(ValueError, match="unknown preset"):
-        UNet3D.from_preset("nope")
+    with pytest.raises(ValueError, match="method must be one of"):
+        UNet3D.from_method("nope")
     with pytest.raises(ValueError, match="divisible by groups"):
         UNet3D(base_width=10, groups=4)
 

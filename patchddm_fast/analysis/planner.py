@@ -23,11 +23,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from patchddm_fast.model.conditioning import IMAGE_CHANNELS, in_channels
+from patchddm_fast.model.method import get_method
 from patchddm_fast.analysis import allocator
 from patchddm_fast.analysis.memory_report import MemoryReport, fmt_bytes
 from patchddm_fast.analysis.simulate import DEFAULT_SIZES, simulate
-from patchddm_fast.data.regions import target_channels
 
 DEFAULT_HEADROOM = 0.05
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -136,7 +135,7 @@ def fits_budget(report: MemoryReport, gpu_memory: int, headroom: float = DEFAULT
 
 def _candidates(preset: str, mode: str, size: Optional[int], patch_sizes: Sequence[int]):
     if mode == "train":
-        sizes = [size] if size else ([p for p in patch_sizes] if preset == "patchddm"
+        sizes = [size] if size else ([p for p in patch_sizes] if get_method(preset).patches
                                      else [DEFAULT_SIZES[(preset, "train")]])
         for s in sizes:
             for ckpt, off, cost in TRAIN_CANDIDATES:
@@ -184,7 +183,7 @@ def _settings(report: MemoryReport, precision: str, mode: str, preset: str) -> D
     out: Dict[str, Any] = dict(checkpoint=r["checkpoint"], offload=r["offload"],
                                precision=precision if precision != "auto" else "auto", ops=r["ops"],
                                tiled=bool(r["tiled"]))
-    out["patch_size"] = report.size if (mode == "train" and preset == "patchddm") else None
+    out["patch_size"] = report.size if (mode == "train" and get_method(preset).patches) else None
     return out
 
 
@@ -223,8 +222,7 @@ def planner_arch(arch: Dict[str, Any], method: Optional[str] = None, target: str
 
 def region_channels(method: str, target: str) -> Dict[str, int]:
     """UNet3D in/out channels of a ``target`` ("binary" or "regions") for ``method``."""
-    mask = target_channels(target)
-    return dict(in_channels=in_channels(method, IMAGE_CHANNELS, mask), out_channels=mask)
+    return get_method(method).network_channels(target)
 
 
 @contextlib.contextmanager

@@ -79,7 +79,7 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     sampler = NvmlSampler(device.index, interval_s)
     before = sampler.read()
     policy = ExecutionPolicy(ops=s.ops, recompute=s.checkpoint, offload=s.offload, tiled=s.tiled)
-    model = UNet3D.from_preset(preset, policy=policy).to(device)
+    model = UNet3D.from_method(preset, policy=policy).to(device)
     cin = model.config["in_channels"]
     gen = torch.Generator(device=device).manual_seed(0)
     times: List[float] = []

@@ -79,7 +79,7 @@ def backward_profile(preset: str = "patchddm", size: int = 128,
     from patchddm_fast.model.unet import UNet3D
 
     with torch.device("meta"):
-        model = UNet3D.from_preset(preset, ops="reference", **(model_kwargs or {}))
+        model = UNet3D.from_method(preset, ops="reference", **(model_kwargs or {}))
     order: List[Tuple[torch.nn.Module, float]] = []
 
     def hook(module, inputs, output):

@@ -127,10 +127,11 @@ class _SimScaler:
 def _check(preset: str, mode: str, size: int, settings: Settings, batch: int) -> None:
     from patchddm_fast.model.execution.offload import OFFLOAD_MODES
     from patchddm_fast.model.backend import check_backend
-    from patchddm_fast.model.unet import RECOMPUTE_MODES, PRESETS
+    from patchddm_fast.model.method import METHODS
+    from patchddm_fast.model.unet import RECOMPUTE_MODES
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset not in METHODS:
+        raise ValueError(f"preset (method) must be one of {METHODS}, got {preset!r}")
     if settings.precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16, bf16 or auto, got {settings.precision!r}")
     if settings.checkpoint not in RECOMPUTE_MODES:
@@ -194,7 +195,8 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
     """Simulated device memory of one training step (``mode="train"``) or one network evaluation.
 
     Args:
-        preset: "patchddm", "fullres" or "halfres" (the paper's network, its input channels).
+        preset: a method name (:data:`patchddm_fast.model.method.METHODS`): the paper's network with
+            that method's input channels.
         mode: "train" (forward, backward, AdamW step; ``steps`` times) or "sample" (one
             no-grad evaluation as the DDIM sampler runs it).
         size: edge of the cubic input (default: the paper's, e.g. 128 for PatchDDM training,
@@ -256,7 +258,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
     if settings.precision == "fp16" and mode == "train":
         notes.append("GradScaler modelled as the scaled loss (its other state is a few scalars)")
     with FakeTensorMode(allow_non_fake_inputs=True), mkldnn_disabled():
-        model = UNet3D.from_preset(preset, **model_kwargs)
+        model = UNet3D.from_method(preset, **model_kwargs)
         if model.size_multiple and size % model.size_multiple:
             raise ValueError(f"size {size} must be a multiple of {model.size_multiple} for this network")
         cin = model.config["in_channels"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from patchddm_fast.cli.sample import add_sampling_flags
 from patchddm_fast.config import PAPER_DIFFUSION
 from patchddm_fast.data.regions import TARGETS
+from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
 from patchddm_fast.core.validation import int_at_least
 
 DEMO_CONFIG = dict(
@@ -64,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", default="binary", choices=TARGETS,
                    help="binary: whole tumour (the paper's); regions: WT/TC/ET as three channels, scored per region "
                         "and lesion-wise (BraTS 2023)")
-    p.add_argument("--patch-distribution", default=DEMO_CONFIG["patch_distribution"], choices=("trapezoid", "uniform"),
+    p.add_argument("--patch-distribution", default=DEMO_CONFIG["patch_distribution"], choices=OFFSET_DISTRIBUTIONS,
                    help="training patch offsets per axis (trapezoid: the paper's, favours central patches)")
     add_sampling_flags(p)
     p.set_defaults(ensemble=5, sampling_steps=10)
@@ -78,18 +79,17 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
     an ensemble; returns the metrics (also written to ``out/metrics.json``) with timings.
 
     The one training-and-scoring path of the demo and of ``benchmarks/ablation.py``."""
-    from patchddm_fast.training.checkpoint import atomic_write_text
+    from patchddm_fast.core.files import atomic_write_text
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.training.sources import load_cases
     from patchddm_fast.cli.showcase import evaluate_cases
     from patchddm_fast.training.trainer import Trainer
+    from patchddm_fast.model.method import get_method, network_multiple
 
     out = Path(out)
     config = dict(config, out_dir=str(out / "run"), progress=progress)
     t0 = time.perf_counter()
-    size_multiple = 2 ** (len(config["model"]["channel_mult"]) - 1)  # the network's downsamplings
-    if config["method"] == "halfres":
-        size_multiple *= 2
+    size_multiple = get_method(config["method"]).size_multiple(network_multiple(config["model"]["channel_mult"]))
     train_cases, val_cases = load_cases(TrainConfig.from_dict(config), size_multiple)
     # The held-out cases are scored once, below, with the ensemble (not also by fit's validation).
     trainer = Trainer(config, train_cases=train_cases, val_cases=[])

@@ -322,7 +322,7 @@ def write_metrics(result: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
     both written atomically."""
     import io
 
-    from patchddm_fast.training.checkpoint import atomic_write_text
+    from patchddm_fast.core.files import atomic_write_text
     from patchddm_fast.core.safe_paths import output_folder
 
     out = Path(out)

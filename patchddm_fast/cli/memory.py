@@ -5,31 +5,46 @@ import argparse
 import json
 
 
+def simulated_methods() -> tuple:
+    """The methods the simulator knows the paper's sizes for (the --preset choices)."""
+    from patchddm_fast.analysis.simulate import DEFAULT_SIZES
+    from patchddm_fast.model.method import METHODS
+
+    return tuple(m for m in METHODS if (m, "train") in DEFAULT_SIZES)
+
+
 def add_memory_flags(p: argparse.ArgumentParser, recipe: bool = True) -> None:
     """Flags shared by `memory` and `profile`: what to run and with which engine settings."""
-    p.add_argument("--preset", default="patchddm", choices=["patchddm", "fullres", "halfres"],
-                   help="the paper's network and its input channels")
-    p.add_argument("--mode", default="train", choices=["train", "sample"],
+    from patchddm_fast.analysis.simulate import MODES, RECIPES
+    from patchddm_fast.data.regions import TARGETS
+    from patchddm_fast.model.backend import OPS_BACKENDS
+    from patchddm_fast.model.execution.offload import OFFLOAD_MODES
+    from patchddm_fast.model.execution.precision import PRECISIONS
+    from patchddm_fast.model.unet import RECOMPUTE_MODES
+
+    p.add_argument("--preset", default="patchddm", choices=simulated_methods(),
+                   help="the method: the paper's network and its input channels")
+    p.add_argument("--mode", default="train", choices=MODES,
                    help="train: forward, backward and AdamW step; sample: one no-grad network evaluation")
     p.add_argument("--size", type=int, default=None,
                    help="edge of the cubic input in voxels (default: 128 for PatchDDM/HalfRes training and "
                         "HalfRes sampling, 256 otherwise); a multiple of 64")
     p.add_argument("--batch", type=int, default=1, help="batch size")
-    p.add_argument("--target", default="binary", choices=["binary", "regions"],
+    p.add_argument("--target", default="binary", choices=TARGETS,
                    help="binary: the paper's whole-tumour mask; regions: WT/TC/ET as three mask channels "
                         "(only the first and last convolutions grow)")
     if recipe:
-        p.add_argument("--recipe", default="engine", choices=["engine", "paper"],
+        p.add_argument("--recipe", default="engine", choices=RECIPES,
                        help="engine: fused ops, bf16, checkpointing; paper: the reference code's settings")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="override the recipe's precision (auto = bf16 as on an Ampere+ GPU)")
-    p.add_argument("--checkpoint", default=None, choices=["none", "selective", "block", "level"],
+    p.add_argument("--checkpoint", default=None, choices=RECOMPUTE_MODES,
                    help="override the recipe's activation checkpointing")
-    p.add_argument("--offload", default=None, choices=["none", "skips", "all"],
+    p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
                    help="keep skips (skips) or skips and saved activations (all) in pinned host memory")
     p.add_argument("--tiled", action="store_true", default=None,
                    help="sampling: slab-wise low-memory executor (buffer reuse, streamed skips)")
-    p.add_argument("--ops", default=None, choices=["reference", "fused"], help="override the recipe's ops backend")
+    p.add_argument("--ops", default=None, choices=OPS_BACKENDS, help="override the recipe's ops backend")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

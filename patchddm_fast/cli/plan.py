@@ -6,6 +6,10 @@ import json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from patchddm_fast.analysis.simulate import MODES
+    from patchddm_fast.cli.memory import simulated_methods
+    from patchddm_fast.model.execution.precision import PRECISIONS
+
     p = sub.add_parser(
         "plan", help="pick checkpointing/offload/precision/patch size that fit a GPU",
         description="Simulate candidate settings from the fastest to the most memory-frugal and print the "
@@ -14,11 +18,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--gpu-memory", required=True, metavar="SIZE", help="GPU memory, e.g. 8GB (10^9 bytes) or 8GiB")
-    p.add_argument("--preset", default="patchddm", choices=["patchddm", "fullres", "halfres"], help="method")
-    p.add_argument("--mode", default="train", choices=["train", "sample"], help="training or sampling")
+    p.add_argument("--preset", default="patchddm", choices=simulated_methods(), help="method")
+    p.add_argument("--mode", default="train", choices=MODES, help="training or sampling")
     p.add_argument("--size", type=int, default=None,
                    help="pin the patch/volume edge (default: PatchDDM tries patches 128 then 64; sampling uses the whole volume)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="pin the precision (auto: bf16 on Ampere+, fp16 before)")
     p.add_argument("--headroom", type=float, default=0.05,
                    help="fraction of the budget kept free for cuDNN/cuBLAS workspaces")

@@ -217,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, ctx, device: str) -> int:
     from patchddm_fast.training import distributed
-    from patchddm_fast.training.checkpoint import atomic_write_text, load_for_inference
+    from patchddm_fast.core.files import atomic_write_text
+    from patchddm_fast.training.checkpoint import load_for_inference
+    from patchddm_fast.model.method import get_method
     from patchddm_fast.data.layouts import PREDICTION_MARKER
     from patchddm_fast.data.training_sets import preprocess_config_for
     from patchddm_fast.core.safe_paths import output_folder
@@ -232,7 +234,7 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
     quiet = args.quiet or not ctx.is_main
     model, diffusion, cfg = load_for_inference(args.model, device=device)
     method = cfg["method"]
-    multiple = int(getattr(model, "size_multiple", 1)) * (2 if method == "halfres" else 1)
+    multiple = get_method(method).size_multiple(int(getattr(model, "size_multiple", 1)))
     if not cfg.get("preprocess") and not quiet:
         print(f"patchddm predict: {args.model} stores no preprocessing parameters; using the defaults",
               file=sys.stderr)

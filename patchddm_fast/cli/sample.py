@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.training.sources import load_cases
     from patchddm_fast.cli.showcase import evaluate_cases, format_table
+    from patchddm_fast.model.method import get_method
 
     from patchddm_fast.training.trainer import resolve_device
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(cfg_dict, source=f"checkpoint {args.model}")
     if args.cases is not None:
         config.phantom_val = args.cases
-    multiple = model.size_multiple * (2 if config.method == "halfres" else 1)
+    multiple = get_method(config.method).size_multiple(model.size_multiple)
     _, val_cases = load_cases(config, multiple)
     metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
                              steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,

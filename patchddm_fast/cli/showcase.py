@@ -1,67 +1,31 @@
 """Sample held-out cases with an ensemble and write what a person wants to look at.
 
 Shared by ``patchddm sample`` and ``patchddm demo``: per case NIfTI files of the image,
-ground truth, ensemble mean, variance and thresholded mask, a PNG montage, and one
-``metrics.json`` (``{"cases": [{"case", "dice", "hd95", ...}], "mean": {"dice", "hd95"}}``).
-Per case it also scores the uncertainty (:mod:`patchddm_fast.eval.uncertainty`: AUROC of the
-variance for voxel errors, reliability table and ECE of the mean), drawn in ``uncertainty.png``.
-HD95 of an empty prediction is infinite; JSON has no infinity, so it is written as
-``null`` and the mean HD95 is taken over finite cases (their count is reported).
+ground truth, ensemble mean, variance and thresholded mask (on the case's own grid, with its
+affine: a phantom's 1 mm grid, a dataset case's network grid placed in the scan's world
+coordinates), a PNG montage, and one ``metrics.json``
+(``{"cases": [{"case", "dice", "hd95", ...}], "mean": {"dice", "hd95"}}``).  The scores
+themselves (Dice, HD95, lesion-wise, uncertainty) are :mod:`patchddm_fast.eval.scoring`'s;
+this module samples, writes and draws (``uncertainty.png``: variance vs errors, calibration).
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-import nibabel as nib
 import numpy as np
 
-from patchddm_fast.training.cases import CaseSource, read_whole
-from patchddm_fast.data.phantom import CHANNELS
-from patchddm_fast.eval.lesionwise import lesion_wise
-from patchddm_fast.eval.metrics import dice, hd95
-from patchddm_fast.data.regions import REGION_NAMES, label_map, nest_regions, region_masks
+from patchddm_fast.core.files import atomic_write_text
+from patchddm_fast.core.safe_paths import check_case_id, check_targets, confined, output_folder
+from patchddm_fast.data.layouts import MODALITIES
+from patchddm_fast.data.nifti import save_volume
+from patchddm_fast.data.regions import REGION_NAMES, label_map
 from patchddm_fast.diffusion.samplers import DEFAULT_SAMPLER
+from patchddm_fast.eval.scoring import case_scores, summarise, summarise_regions
 from patchddm_fast.sampling.segment import segment_volume
-from patchddm_fast.eval.uncertainty import uncertainty_metrics
-
-
-def _finite_or_none(v: float):
-    return float(v) if math.isfinite(v) else None
-
-
-def write_nifti(array: np.ndarray, path: Path, affine=None) -> None:
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
-
-
-def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Means of Dice and finite HD95 over cases, with the count of cases whose HD95 is infinite
-    (an empty prediction or ground truth).  ``dice`` and ``hd95`` are always present; a mean
-    over no finite value is None (JSON null), never NaN."""
-    out: Dict[str, Any] = {}
-    for key in ("dice", "hd95", "dice_single_sample", "lesion_wise_dice", "lesion_wise_hd95", "auroc_var_error",
-                "ece"):
-        vals = [r[key] for r in records if r.get(key) is not None]
-        if vals or key in ("dice", "hd95"):
-            out[key] = float(np.mean(vals)) if vals else None
-    out["n_cases"] = len(records)
-    out["n_hd95_infinite"] = sum(1 for r in records if r.get("hd95") is None)
-    return out
-
-
-def region_scores(pred: np.ndarray, single: np.ndarray, gt: np.ndarray, mean: np.ndarray, var: np.ndarray,
-                  threshold: float) -> Dict[str, Any]:
-    """One region's scores: Dice, HD95, single-sample Dice, BraTS 2023 lesion-wise Dice/HD95,
-    and how well the ensemble variance predicts errors (AUROC) and the mean is calibrated (ECE)."""
-    lw = lesion_wise(pred, gt)
-    unc = uncertainty_metrics(mean, var, gt, threshold=threshold)
-    return dict(dice=dice(pred, gt), hd95=_finite_or_none(hd95(pred, gt)), dice_single_sample=dice(single, gt),
-                lesion_wise_dice=lw.dice, lesion_wise_hd95=lw.hd95, lesions_tp_fn_fp=[lw.n_tp, lw.n_fn, lw.n_fp],
-                tumour_voxels=int(gt.sum()), predicted_voxels=int(pred.sum()), auroc_var_error=unc["auroc_var_error"],
-                ece=unc["reliability"]["ece"], error_voxels=unc["error_voxels"], reliability=unc["reliability"])
+from patchddm_fast.training.cases import CaseSource, read_whole
 
 
 def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], out_dir: Path, *, ensemble: int,
@@ -69,16 +33,14 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
                    memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5,
                    overwrite: bool = True, sampler: str = DEFAULT_SAMPLER,
                    member_batch: Optional[int] = None, convention: Optional[str] = None) -> Dict[str, Any]:
-    """Sample, score and write every case into ``out_dir``.  Case ids must be plain names and
-    every file stays inside ``out_dir``; existing outputs are refused unless ``overwrite``
-    (``sample`` passes its --overwrite flag; the demo owns its folder and refreshes it).
+    """Sample, score (:func:`patchddm_fast.eval.scoring.case_scores`) and write every case into
+    ``out_dir``.  Case ids must be plain names and every file stays inside ``out_dir``; existing
+    outputs are refused unless ``overwrite`` (``sample`` passes its --overwrite flag; the demo
+    owns its folder and refreshes it).
 
     A region model (3 output channels) is scored per region (WT/TC/ET, with lesion-wise and
     uncertainty scores) against the ground truth's labels read in ``convention``; its
     top-level scores are the whole tumour's."""
-    from patchddm_fast.training.checkpoint import atomic_write_text
-    from patchddm_fast.core.safe_paths import check_case_id, check_targets, confined, output_folder
-
     out_dir = output_folder(out_dir, "--out")
     targets = [confined(out_dir, "metrics.json")] + ([confined(out_dir, "uncertainty.png")] if figures else [])
     stats = ("mean", "var") + tuple(f"{k}_{r}" for k in ("mean", "var") for r in REGION_NAMES)
@@ -87,6 +49,7 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
         names = [f"{case.case_id}_{s}.nii.gz" for s in ("image", "gt", "seg") + stats]
         targets += [confined(out_dir, n) for n in names + ([f"{case.case_id}_montage.png"] if figures else [])]
     check_targets(targets, overwrite=overwrite, folder=out_dir)
+    conv = convention or "brats2020"
     records = []
     for case in cases:
         image, label = read_whole(case, binary=False)
@@ -96,38 +59,29 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
                              memory_budget=memory_budget, eta=eta, threshold=threshold, sampler=sampler,
                              member_batch=member_batch)
         sampling_s = time.perf_counter() - started
-        prefix = out_dir / case.case_id
-        is_regions = res.mask.dim() == 4
-        if is_regions:
-            conv = convention or "brats2020"
-            gt_regions = region_masks(label.numpy(), conv)
-            pred_regions = res.mask.numpy()
-            single_regions = nest_regions((res.samples[0] > threshold).numpy())
-            per_region = {name: region_scores(pred_regions[i], single_regions[i], gt_regions[i], res.mean[i].numpy(),
-                                              res.var[i].numpy(), threshold) for i, name in enumerate(REGION_NAMES)}
-            records.append(dict(case=case.case_id, **per_region["WT"], regions=per_region,
-                                sampling_s=round(sampling_s, 3)))
-            gt, seg = label.numpy().astype(np.uint8), label_map(pred_regions, conv)
-            mean_wt, var_wt = res.mean[0].numpy(), res.var[0].numpy()
+        mask, mean, var, labels = res.mask.numpy(), res.mean.numpy(), res.var.numpy(), label.numpy()
+        records.append(dict(case=case.case_id, **case_scores(mask, mean, var, res.samples[0].numpy(), labels,
+                                                             threshold, conv),
+                            sampling_s=round(sampling_s, 3)))
+        prefix, affine = out_dir / case.case_id, case.affine
+        if mask.ndim == 4:  # WT/TC/ET regions
+            gt, seg = labels.astype(np.uint8), label_map(mask, conv)
+            mean_wt, var_wt = mean[0], var[0]
             for i, name in enumerate(REGION_NAMES):
-                write_nifti(res.mean[i].numpy().astype(np.float32), Path(f"{prefix}_mean_{name}.nii.gz"))
-                write_nifti(res.var[i].numpy().astype(np.float32), Path(f"{prefix}_var_{name}.nii.gz"))
+                save_volume(mean[i].astype(np.float32), affine, f"{prefix}_mean_{name}.nii.gz")
+                save_volume(var[i].astype(np.float32), affine, f"{prefix}_var_{name}.nii.gz")
         else:
-            gt = (label > 0).numpy()
-            seg = res.mask.numpy()
-            mean_wt, var_wt = res.mean.numpy(), res.var.numpy()
-            records.append(dict(case=case.case_id, **region_scores(seg, (res.samples[0] > threshold).numpy(), gt,
-                                                                   mean_wt, var_wt, threshold),
-                                sampling_s=round(sampling_s, 3)))
-            write_nifti(mean_wt.astype(np.float32), Path(f"{prefix}_mean.nii.gz"))
-            write_nifti(var_wt.astype(np.float32), Path(f"{prefix}_var.nii.gz"))
-        write_nifti(np.moveaxis(image.numpy(), 0, -1).astype(np.float32), Path(f"{prefix}_image.nii.gz"))
-        write_nifti(gt.astype(np.uint8), Path(f"{prefix}_gt.nii.gz"))
-        write_nifti(seg.astype(np.uint8), Path(f"{prefix}_seg.nii.gz"))
+            gt, seg = labels > 0, mask
+            mean_wt, var_wt = mean, var
+            save_volume(mean_wt.astype(np.float32), affine, f"{prefix}_mean.nii.gz")
+            save_volume(var_wt.astype(np.float32), affine, f"{prefix}_var.nii.gz")
+        save_volume(np.moveaxis(image.numpy(), 0, -1).astype(np.float32), affine, f"{prefix}_image.nii.gz")
+        save_volume(gt.astype(np.uint8), affine, f"{prefix}_gt.nii.gz")
+        save_volume(seg.astype(np.uint8), affine, f"{prefix}_seg.nii.gz")
         if figures:
             from patchddm_fast.eval.figures import case_figure
 
-            case_figure(image[CHANNELS.index("flair")].numpy(), gt > 0, mean_wt, var_wt,
+            case_figure(image[MODALITIES.index("flair")].numpy(), gt > 0, mean_wt, var_wt,
                         Path(f"{prefix}_montage.png"), title=f"{case.case_id}: Dice {records[-1]['dice']:.3f}")
     if figures and records:
         from patchddm_fast.eval.figures import uncertainty_figure
@@ -137,8 +91,8 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
     metrics = dict(cases=records, mean=summarise(records),
                    sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed, sampler=sampler))
     if records and "regions" in records[0]:
-        metrics["label_convention"] = convention or "brats2020"
-        metrics["regions"] = {name: summarise([r["regions"][name] for r in records]) for name in REGION_NAMES}
+        metrics["label_convention"] = conv
+        metrics["regions"] = summarise_regions(records)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 

@@ -1,4 +1,5 @@
-"""Data: built-in phantoms, the patch/coordinate data path, and real data in: NIfTI datasets, validation, preprocessing, cache and splits.
+"""Data: built-in phantoms, the patch data path, and real data in: NIfTI datasets, validation,
+preprocessing, cache, splits, BraTS label conventions and regions.
 
 Typical use::
 
@@ -7,21 +8,23 @@ Typical use::
     vols = VolumeCache("cache").build(ds, PreprocessConfig())  # validates + caches every case
     train = CachedVolumeDataset(vols, patch_size=128)          # (image, label, origin) items
 
-Every problem with the user's files raises :class:`DatasetError` naming the file.
+Every problem with the user's files raises :class:`DatasetError` naming the file.  The
+modality names (t1, t1ce, t2, flair) live in :data:`~patchddm_fast.data.layouts.MODALITIES`.
+
+Layer 1: may import core (and numpy, torch, nibabel, scipy); never the model, diffusion,
+eval, training, sampling, analysis or the CLI -- how the network is conditioned on these
+arrays is :mod:`patchddm_fast.model.conditioning`'s.
 """
 from patchddm_fast.data.patches import (
     OFFSET_DISTRIBUTIONS,
     PatchOffsetSampler,
-    build_model_input,
-    coordinate_channels,
-    crop,
     decimate,
     pad_to_multiple,
     pad_to_shape,
     trapezoid_split,
     unpad,
 )
-from patchddm_fast.data.phantom import CHANNELS, PhantomCase, case_seed, make_phantom, make_phantom_dataset
+from patchddm_fast.data.phantom import PhantomCase, case_seed, make_phantom, make_phantom_dataset
 from patchddm_fast.data.cache import CachedVolume, VolumeCache, cache_key, default_cache_dir
 from patchddm_fast.data.dataset import CachedVolumeDataset, measure_throughput
 from patchddm_fast.core.errors import DatasetError
@@ -44,7 +47,6 @@ from patchddm_fast.data.volumes import LoadedCase, load_case
 __all__ = [
     "BRATS2023_REGIONS",
     "BRATS_REGIONS",
-    "CHANNELS",
     "CachedVolume",
     "CachedVolumeDataset",
     "Case",
@@ -61,13 +63,10 @@ __all__ = [
     "PreprocessedCase",
     "Split",
     "VolumeCache",
-    "build_model_input",
     "cache_key",
     "case_from_files",
     "case_seed",
     "compute_box",
-    "coordinate_channels",
-    "crop",
     "decimate",
     "default_cache_dir",
     "label_files",

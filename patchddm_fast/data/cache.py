@@ -93,6 +93,11 @@ class CachedVolume:
     def channels(self) -> int:
         return int(self.image.shape[0])
 
+    @property
+    def affine(self) -> np.ndarray:
+        """Network-grid voxel -> world matrix: the source's affine moved by the crop/pad box."""
+        return self.box.network_affine(np.asarray(self.meta["affine"], dtype=np.float64))
+
     def read(self, origin: Sequence[int] = (0, 0, 0), size: Optional[Sequence[int]] = None
              ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(image (C, *size) float32, label (*size) uint8 or None) of the network-grid window at ``origin``.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from patchddm_fast.data.cache import CachedVolume
+from patchddm_fast.data.patches import PatchOffsetSampler
 
 
 def _region_channels(label: np.ndarray, regions: Optional[Sequence[Sequence[int]]]) -> np.ndarray:
@@ -42,10 +43,8 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
         self.volumes = list(volumes)
         self.regions = [tuple(r) for r in regions] if regions is not None else None
         self.patch: Optional[Tuple[int, int, int]] = None
-        self._samplers: Dict[Tuple[int, ...], object] = {}
+        self._samplers: Dict[Tuple[int, ...], PatchOffsetSampler] = {}
         if patch_size is not None:
-            from patchddm_fast.data.patches import PatchOffsetSampler
-
             p = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(s) for s in patch_size)
             self.patch = p  # type: ignore[assignment]
             for v in self.volumes:

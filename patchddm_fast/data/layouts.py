@@ -24,13 +24,13 @@ Nothing here reads voxel data: see :mod:`patchddm_fast.data.volumes` for validat
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from patchddm_fast.core.errors import DatasetError
+from patchddm_fast.core.files import read_json_object
 from patchddm_fast.data.nifti import PathLike, nifti_stem
 from patchddm_fast.data.regions import BRATS2023_REGIONS, BRATS_REGIONS  # re-exported: io.BRATS_REGIONS
 
@@ -238,13 +238,7 @@ def _check_unique_ids(root: Path, cases: Sequence[Case]) -> None:
 
 # --------------------------------------------------------------------------- nnU-Net
 def _read_dataset_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot parse dataset.json ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: dataset.json must hold a JSON object")
-    return meta
+    return read_json_object(path, "dataset.json")
 
 
 def _norm_name(name: str) -> str:

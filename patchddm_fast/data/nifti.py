@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import gzip
 import os
-import uuid
 import zlib
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Tuple
 
 import nibabel as nib
 import numpy as np
 
 from patchddm_fast.core.errors import DatasetError
+from patchddm_fast.core.files import PathLike, atomic_path
 
-PathLike = Union[str, os.PathLike]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_ATOL = 1e-3  # mm (translations) / unitless (direction cosines x zooms)
 
@@ -151,6 +150,14 @@ def affines_match(a: np.ndarray, b: np.ndarray, atol: float = AFFINE_ATOL) -> bo
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=0.0, atol=atol))
 
 
+def shifted_affine(affine: np.ndarray, offset) -> np.ndarray:
+    """The affine of a grid whose voxel ``n`` is voxel ``n - offset`` of ``affine``'s grid (a grid
+    padded by ``offset`` voxels before each axis, or cropped where an offset is negative)."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] -= out[:3, :3] @ np.asarray(offset, dtype=np.float64)
+    return out
+
+
 def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: PathLike, dtype, description: str = "") -> Path:
     """Write ``data`` with ``reference``'s header (affine, qform/sform codes, zooms, units) as ``dtype``.
 
@@ -169,14 +176,18 @@ def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: PathLike, dtyp
     header["cal_max"] = 0
     if description:
         header["descrip"] = description[:79].encode("ascii", "replace")
-    img = type(reference)(np.asarray(data).astype(dtype), reference.affine, header=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}{suffix}")
-    try:
+    return _save(type(reference)(np.asarray(data).astype(dtype), reference.affine, header=header), path)
+
+
+def save_volume(data: np.ndarray, affine: np.ndarray, path: PathLike) -> Path:
+    """Write ``data`` (3D, or 4D with channels last) as NIfTI-1 on the grid ``affine`` describes,
+    in ``data``'s own dtype; atomically (temp file + rename).  For outputs with no input file to
+    copy a header from (``sample`` on phantoms and cached volumes)."""
+    return _save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64)), Path(path))
+
+
+def _save(img: nib.Nifti1Image, path: Path) -> Path:
+    # nibabel picks the format (and gzip) from the name, so the temporary name keeps the suffix.
+    with atomic_path(path, suffix=".tmp" + (".nii.gz" if path.name.endswith(".gz") else ".nii")) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

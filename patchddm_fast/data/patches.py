@@ -1,9 +1,8 @@
-"""The PatchDDM data path: coordinate channels, patch offsets, cropping, padding, model input.
+"""The PatchDDM data path: patch offsets, decimation, padding.
 
 PatchDDM trains on random patches of the padded volume and tells the network where each
-patch lies with 3 coordinate channels: channel k is a linear ramp from -1 to 1 along axis k
-over the WHOLE padded volume and is cropped together with the image, so a patch sees the
-sub-ramp of its own position.  At inference the full volume and full ramps go through the
+patch lies with 3 coordinate channels (built with the rest of the conditioning in
+:mod:`patchddm_fast.model.conditioning`).  At inference the full volume goes through the
 same network in one pass.
 
 Offsets follow the reference code's per-axis trapezoid U{0..32} + U{0..96} (for a 256
@@ -15,7 +14,7 @@ Tensor helpers work on torch tensors and numpy arrays alike, on the last 3 (spat
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -23,9 +22,7 @@ import torch
 __all__ = [
     "OFFSET_DISTRIBUTIONS",
     "PatchOffsetSampler",
-    "build_model_input",
-    "coordinate_channels",
-    "crop",
+    "as_triple",
     "decimate",
     "pad_to_multiple",
     "pad_to_shape",
@@ -38,7 +35,7 @@ PadSpec = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 OFFSET_DISTRIBUTIONS = ("trapezoid", "uniform")
 
 
-def _triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
+def as_triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
     """An int (repeated) or a sequence of 3 ints, each >= ``minimum``."""
     if isinstance(value, (int, np.integer)):
         value = (int(value),) * 3
@@ -55,22 +52,6 @@ def _spatial(x: Array, name: str) -> tuple[int, int, int]:
     if x.ndim < 3:
         raise ValueError(f"{name} must have at least 3 (spatial) dimensions, got shape {tuple(x.shape)}")
     return tuple(int(s) for s in x.shape[-3:])
-
-
-def coordinate_channels(
-    shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """(3, D, H, W) tensor whose channel k is ``torch.linspace(-1, 1, shape[k])`` along axis k.
-
-    The ramps are computed in float32 (float64 if requested), so float32 output equals
-    ``torch.linspace(-1, 1, n)`` bit for bit.  A length-1 axis gets the single value -1
-    (``torch.linspace`` semantics).
-    """
-    d, h, w = _triple(shape, "shape")
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    ramps = [torch.linspace(-1.0, 1.0, n, dtype=work) for n in (d, h, w)]
-    grids = torch.meshgrid(*ramps, indexing="ij")
-    return torch.stack(grids).to(dtype=dtype, device=device)
 
 
 def trapezoid_split(span: int) -> tuple[int, int]:
@@ -93,8 +74,8 @@ class PatchOffsetSampler:
     """
 
     def __init__(self, volume_shape, patch_shape, distribution: str = "trapezoid"):
-        self.volume_shape = _triple(volume_shape, "volume_shape")
-        self.patch_shape = _triple(patch_shape, "patch_shape")
+        self.volume_shape = as_triple(volume_shape, "volume_shape")
+        self.patch_shape = as_triple(patch_shape, "patch_shape")
         if distribution not in OFFSET_DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {OFFSET_DISTRIBUTIONS}, got {distribution!r}")
         self.distribution = distribution
@@ -133,19 +114,6 @@ class PatchOffsetSampler:
         )
 
 
-def crop(tensor: Array, offset: Sequence[int], patch_shape) -> Array:
-    """``tensor[..., o0:o0+p0, o1:o1+p1, o2:o2+p2]`` (a view), with bounds checked."""
-    shape = _spatial(tensor, "tensor")
-    off = _triple(offset, "offset", minimum=0)
-    size = _triple(patch_shape, "patch_shape")
-    for axis in range(3):
-        if off[axis] + size[axis] > shape[axis]:
-            raise ValueError(
-                f"crop of size {size} at offset {off} does not fit spatial shape {shape} (axis {axis})"
-            )
-    return tensor[(..., *(slice(o, o + p) for o, p in zip(off, size)))]
-
-
 def decimate(tensor: Array, factor: int = 2) -> Array:
     """Stride-``factor`` decimation of the 3 spatial axes (HalfRes: ``x[..., ::2, ::2, ::2]``)."""
     _spatial(tensor, "tensor")
@@ -168,7 +136,7 @@ def pad_to_shape(tensor: Array, target_shape) -> tuple[Array, PadSpec]:
     padded copy and the pad spec that :func:`unpad` inverts.
     """
     shape = _spatial(tensor, "tensor")
-    target = _triple(target_shape, "target_shape")
+    target = as_triple(target_shape, "target_shape")
     if any(t < s for t, s in zip(target, shape)):
         raise ValueError(f"target_shape {target} is smaller than the spatial shape {shape}")
     spec = tuple(((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(shape, target))
@@ -183,7 +151,7 @@ def pad_to_multiple(tensor: Array, multiple) -> tuple[Array, PadSpec]:
     A U-Net with L levels needs sizes divisible by 2**(L-1) (64 for the paper's 7 levels).
     """
     shape = _spatial(tensor, "tensor")
-    mult = _triple(multiple, "multiple")
+    mult = as_triple(multiple, "multiple")
     target = tuple(-(-s // m) * m for s, m in zip(shape, mult))
     return pad_to_shape(tensor, target)
 
@@ -199,40 +167,3 @@ def unpad(tensor: Array, pad_spec: PadSpec) -> Array:
             raise ValueError(f"pad_spec {pad_spec} does not fit spatial shape {shape} (axis {axis})")
         slices.append(slice(before, n - after))
     return tensor[(..., *slices)]
-
-
-def build_model_input(
-    image: torch.Tensor, noisy_mask: torch.Tensor, coords: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Concatenate the network input in the paper's channel order along the channel axis.
-
-    Order: image channels (t1, t1ce, t2, flair), then the 3 coordinate channels if given
-    (PatchDDM), then the noisy mask last.  Accepts unbatched (C, D, H, W) or batched
-    (N, C, D, H, W) tensors; ``noisy_mask`` must carry its channel axis; unbatched
-    (3, D, H, W) ``coords`` are broadcast over the batch.  Coordinates and mask are cast to
-    the image's dtype and device.
-    """
-    if image.ndim not in (4, 5):
-        raise ValueError(f"image must be (C, D, H, W) or (N, C, D, H, W), got shape {tuple(image.shape)}")
-    cdim = image.ndim - 4
-    if noisy_mask.ndim != image.ndim:
-        raise ValueError(
-            f"noisy_mask must have the image's {image.ndim} dims with a channel axis, got shape "
-            f"{tuple(noisy_mask.shape)} for image shape {tuple(image.shape)}"
-        )
-    named = [("image", image)]
-    if coords is not None:
-        if coords.ndim not in (4, image.ndim) or coords.shape[-4] != 3:
-            raise ValueError(f"coords must be (3, D, H, W) or (N, 3, D, H, W), got shape {tuple(coords.shape)}")
-        coords = coords.to(dtype=image.dtype, device=image.device)
-        if coords.ndim < image.ndim:
-            coords = coords.unsqueeze(0).expand(image.shape[0], -1, -1, -1, -1)
-        named.append(("coords", coords))
-    named.append(("noisy_mask", noisy_mask.to(dtype=image.dtype, device=image.device)))
-    for name, part in named[1:]:
-        if part.shape[:cdim] != image.shape[:cdim] or part.shape[-3:] != image.shape[-3:]:
-            raise ValueError(
-                f"{name} shape {tuple(part.shape)} does not match image shape {tuple(image.shape)} "
-                "outside the channel axis"
-            )
-    return torch.cat([part for _, part in named], dim=cdim)

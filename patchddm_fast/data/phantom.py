@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CHANNELS", "LARGE_NECROSIS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
+from patchddm_fast.data.layouts import MODALITIES
+from patchddm_fast.data.patches import as_triple
 
-CHANNELS = ("t1", "t1ce", "t2", "flair")
+__all__ = ["LARGE_NECROSIS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
 
-# Mean intensity per tissue and channel (t1, t1ce, t2, flair), before per-case jitter,
+# Mean intensity per tissue and channel (in MODALITIES order: t1, t1ce, t2, flair), before per-case jitter,
 # bias field and noise.  Loosely follows the relative contrasts of BraTS scans.
 _TISSUE = {
     "scalp": (0.85, 0.55, 0.55, 0.60),
@@ -69,7 +70,7 @@ class PhantomCase:
     """One synthetic case.
 
     Attributes:
-        image: float32 (4, D, H, W) in [0, 1], channels ``CHANNELS``; exactly 0 outside the head.
+        image: float32 (4, D, H, W) in [0, 1], channels :data:`~patchddm_fast.data.layouts.MODALITIES`; exactly 0 outside the head.
         label: bool (D, H, W) whole tumour (labels > 0).
         labels: uint8 (D, H, W) BraTS classes: 0 background, 1 necrotic core, 2 edema, 4 enhancing.
         brain_mask: bool (D, H, W) brain parenchyma (the tumour lies inside it).
@@ -95,6 +96,11 @@ class PhantomCase:
         return tuple(self.label.shape)
 
     @property
+    def affine(self) -> np.ndarray:
+        """Voxel -> world (mm) matrix: axis-aligned, ``spacing`` per axis, voxel 0 at the origin."""
+        return np.diag([*self.spacing, 1.0])
+
+    @property
     def whole_tumour(self) -> np.ndarray:
         """BraTS WT region: labels 1, 2, 4."""
         return self.labels > 0
@@ -108,18 +114,6 @@ class PhantomCase:
     def enhancing_tumour(self) -> np.ndarray:
         """BraTS ET region: label 4."""
         return self.labels == 4
-
-
-def _check_size(size) -> tuple[int, int, int]:
-    if isinstance(size, (int, np.integer)):
-        size = (int(size),) * 3
-    try:
-        shape = tuple(int(s) for s in size)
-    except TypeError:
-        raise ValueError(f"size must be an int or a tuple of 3 ints, got {size!r}") from None
-    if len(shape) != 3 or any(s < 4 for s in shape) or any(s != t for s, t in zip(shape, size)):
-        raise ValueError(f"size must be an int or 3 ints, each >= 4, got {size!r}")
-    return shape
 
 
 def _axes(shape: tuple[int, int, int]) -> list[np.ndarray]:
@@ -191,7 +185,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     lesion-wise matching's 3-voxel dilation at 64^3: they exercise the lesion-wise metrics.
     Their parameters come from a separate random stream, so ``lesions=1`` is unchanged.
     """
-    shape = _check_size(size)
+    shape = as_triple(size, "size", minimum=4)
     core_lo, core_hi = _check_range(core, "core")
     nec_lo, nec_hi = _check_range(necrosis, "necrosis")
     if int(lesions) != lesions or not 1 <= lesions <= 3:
@@ -201,7 +195,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     # ---- scalar parameters and coarse grids (independent of the size) ----
     head_c = rng.uniform(-0.03, 0.03, 3)
     head_r = np.array([0.80, 0.88, 0.86]) * rng.uniform(0.94, 1.04, 3)
-    jitter = {k: np.asarray(v) * rng.uniform(0.92, 1.08, 4) for k, v in _TISSUE.items()}
+    jitter = {k: np.asarray(v) * rng.uniform(0.92, 1.08, len(MODALITIES)) for k, v in _TISSUE.items()}
     vent_y, vent_z = rng.uniform(-0.05, 0.05), rng.uniform(0.0, 0.1)
     vent_r = np.array([0.07, 0.26, 0.12]) * rng.uniform(0.8, 1.2, 3)
     vent_dx = rng.uniform(0.10, 0.14)
@@ -226,7 +220,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
         "texture": rng.standard_normal((8, 8, 8)),
         "tumour": rng.standard_normal((12, 12, 12)),
         "hetero": rng.standard_normal((10, 10, 10)),
-        "bias": rng.standard_normal((4, 4, 4, 4)),
+        "bias": rng.standard_normal((len(MODALITIES), 4, 4, 4)),
     }
 
     # ---- geometry ----
@@ -269,7 +263,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     ]
     for idx, m in enumerate(masks[1:], start=1):
         region[m] = idx
-    lut = np.zeros((len(names), 4), dtype=np.float32)
+    lut = np.zeros((len(names), len(MODALITIES)), dtype=np.float32)
     for idx, name in enumerate(names[1:], start=1):
         lut[idx] = jitter[name]
     image = lut.T[:, region]  # (4, D, H, W), contiguous
@@ -277,17 +271,17 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     image *= np.where(brain & ~wt, texture, 1.0)[None]
     hetero = 1 + 0.08 * _upsample(grids["hetero"], shape)
     image *= np.where(wt, hetero, 1.0)[None]
-    for ch in range(4):  # decoy: edema's intensities in every channel
+    for ch in range(len(MODALITIES)):  # decoy: edema's intensities in every channel
         image[ch][decoy] = jitter["edema"][ch] * hetero[decoy]
 
     image = _blur121(image)
-    for ch in range(4):
+    for ch in range(len(MODALITIES)):
         image[ch] *= np.exp(0.08 * _upsample(grids["bias"][ch], shape))
     n1 = rng.standard_normal(image.shape, dtype=np.float32)
     n2 = rng.standard_normal(image.shape, dtype=np.float32)
     image = np.sqrt((image + noise_sigma * n1) ** 2 + (noise_sigma * n2) ** 2)  # Rician
     image *= head[None]
-    for ch in range(4):  # BraTS-style recipe: clip at the 99.5th percentile in the head, scale to [0, 1]
+    for ch in range(len(MODALITIES)):  # BraTS-style recipe: clip at the 99.5th percentile in the head, scale to [0, 1]
         top = np.percentile(image[ch][head], 99.5)
         image[ch] = np.clip(image[ch] / max(top, 1e-6), 0.0, 1.0)
 

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from patchddm_fast.core.errors import DatasetError
+from patchddm_fast.data.nifti import shifted_affine
 from patchddm_fast.data.volumes import LoadedCase
 
 LABEL_MODES = ("binary", "multiclass")
@@ -125,6 +126,10 @@ class CropPadBox:
     def _check(array: np.ndarray, shape: Shape3, which: str) -> None:
         if tuple(array.shape[-3:]) != tuple(shape):
             raise ValueError(f"array of shape {tuple(array.shape)} does not end with the {which} shape {tuple(shape)}")
+
+    def network_affine(self, original_affine: np.ndarray) -> np.ndarray:
+        """The network grid's voxel -> world matrix, from the original grid's."""
+        return shifted_affine(original_affine, self.offset)
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: list(v) for k, v in dataclasses.asdict(self).items()}

@@ -28,6 +28,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from patchddm_fast.core.errors import DatasetError
+from patchddm_fast.core.files import read_json_object
 from patchddm_fast.data.nifti import PathLike
 
 SPLIT_NAMES = ("brats2020-reference",)
@@ -78,12 +79,7 @@ def make_split(case_ids: Sequence[str], seed: int = 0, val_fraction: float = 0.1
 def load_split(path: PathLike, case_ids: Sequence[str] | None = None) -> Split:
     """Read a split JSON; with ``case_ids``, every listed id must exist in the dataset."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read split JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: a split file must be a JSON object with train/val/test lists")
+    raw = read_json_object(path, "split JSON", "a JSON object with train/val/test lists")
     if "validation" in raw and "val" not in raw:
         raw["val"] = raw.pop("validation")
     unknown_keys = sorted(set(raw) - {"train", "val", "test"})

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from patchddm_fast.eval.uncertainty import pooled_reliability
+
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
 
@@ -31,6 +33,7 @@ def _np(x) -> Optional[np.ndarray]:
 
 
 def _figure(width: float, height: float):
+    # matplotlib takes about a second to import; only runs that draw pay for it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -206,8 +209,6 @@ def uncertainty_figure(cases: Sequence[Dict[str, Any]], path, title: str = "") -
     """Reliability diagram of the ensemble mean (pooled over ``cases``, each case's curve thin)
     and the per-case AUROC of voxel variance for errors.  ``cases``: records with
     ``case``, ``auroc_var_error`` and ``reliability`` (:func:`patchddm_fast.eval.uncertainty.uncertainty_metrics`)."""
-    from patchddm_fast.eval.uncertainty import pooled_reliability
-
     fig = _figure(9, 4.2)
     ax_r, ax_a = fig.subplots(1, 2)
     ax_r.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfectly calibrated")

@@ -17,14 +17,13 @@ Empty masks never give NaN: both empty -> Dice 1.0 and HD95 0.0; exactly one emp
 Dice 0.0 and HD95 = ``empty_value`` (``inf`` by default; BraTS-style evaluations cap it,
 e.g. ``empty_value=373.13``, the diagonal of the 240x240x155 BraTS volume).
 
-The implementation needs only numpy (scipy is a test-only dependency).  Both masks are
-first cropped to the bounding box of their union, which is exact because every surface
-voxel lies inside it.  Nearest-surface distances are then computed exactly by one of two
-methods, picked by a cost estimate:
+Both masks are first cropped to the bounding box of their union, which is exact because
+every surface voxel lies inside it.  Nearest-surface distances are then computed exactly by
+one of two methods, picked by a cost estimate:
 
-* ``"edt"``: an exact separable squared Euclidean distance transform of B's surface
-  (a linear two-sweep pass along one axis, brute-force min-plus passes along the short axes,
-  and the last axis evaluated only at A's surface voxels), cost ~ voxels x short extent;
+* ``"edt"``: the exact Euclidean distance transform of B's surface,
+  ``scipy.ndimage.distance_transform_edt(sampling=spacing)``, read at A's surface voxels;
+  cost ~ voxels of the box;
 * ``"pairwise"``: all surface-point pairs in chunks, cost ~ |surface A| x |surface B|,
   which wins for small or far-apart masks whose bounding box is large but nearly empty.
 """
@@ -33,6 +32,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = ["dice", "hd95", "surface", "surface_distances"]
 
@@ -99,19 +99,12 @@ def surface(mask) -> np.ndarray:
     """Surface voxels: ``mask & ~erosion(mask)`` with the face-connected structure.
 
     A voxel is interior when it and its 2*ndim face neighbours are all in the mask;
-    neighbours outside the array are background, so border voxels of a mask touching the
-    array edge are surface voxels.
+    neighbours outside the array are background (``border_value=0``), so border voxels of a
+    mask touching the array edge are surface voxels.
     """
     m = _as_mask(mask, "mask")
-    padded = np.pad(m, 1, mode="constant", constant_values=False)
-    interior = m.copy()
-    centre = tuple(slice(1, n + 1) for n in m.shape)
-    for axis in range(m.ndim):
-        for shift in (-1, 1):
-            sl = list(centre)
-            sl[axis] = slice(1 + shift, m.shape[axis] + 1 + shift)
-            interior &= padded[tuple(sl)]
-    return m & ~interior
+    structure = ndimage.generate_binary_structure(m.ndim, 1)
+    return m & ~ndimage.binary_erosion(m, structure=structure, border_value=0)
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
@@ -124,74 +117,22 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def _linear_pass(features: np.ndarray, axis: int, step: float) -> np.ndarray:
-    """Squared distance (mm^2) along ``axis`` to the nearest feature on the same line.
-
-    Two sweeps (forward, backward) with the per-line running distance; inf on lines
-    without a feature.
-    """
-    f = np.moveaxis(features, axis, 0)
-    dist = np.empty(f.shape, dtype=np.float64)
-    run = np.full(f.shape[1:], np.inf)
-    for i in range(f.shape[0]):
-        run = np.where(f[i], 0.0, run + 1.0)
-        dist[i] = run
-    run = np.full(f.shape[1:], np.inf)
-    for i in range(f.shape[0] - 1, -1, -1):
-        run = np.where(f[i], 0.0, run + 1.0)
-        np.minimum(dist[i], run, out=dist[i])
-    dist *= step
-    np.square(dist, out=dist)
-    return np.moveaxis(dist, 0, axis)
-
-
-def _minplus_pass(sq: np.ndarray, axis: int, step: float) -> np.ndarray:
-    """out[..x..] = min_q sq[..q..] + (step * (x - q))**2 along ``axis`` (brute force, exact).
-
-    Lines that are inf everywhere (no feature reachable yet) are skipped.
-    """
-    moved = np.moveaxis(sq, axis, -1)
-    n = moved.shape[-1]
-    lines = moved.reshape(-1, n)
-    out = np.full_like(lines, np.inf)
-    idx = np.arange(n, dtype=np.float64)
-    penalty = (step * (idx[:, None] - idx[None, :])) ** 2  # [x, q]
-    rows = np.flatnonzero(np.isfinite(lines).any(axis=1))
-    chunk = max(1, _CHUNK_ELEMENTS // (n * n))
-    for start in range(0, rows.size, chunk):
-        r = rows[start:start + chunk]
-        out[r] = (lines[r][:, None, :] + penalty[None]).min(axis=2)
-    return np.moveaxis(out.reshape(moved.shape), -1, axis)
-
-
 def _edt_at(features: np.ndarray, queries: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distance (mm) from each query voxel to the nearest ``True`` voxel.
+    """Exact Euclidean distance (mm) from each query voxel ((K, ndim) indices) to the nearest
+    ``True`` voxel of ``features``.
 
-    ``queries`` is (K, ndim) integer indices.  Separable EDT: the last pass runs along the
-    longest axis and only at the queries; the linear pass takes the next longest; the
-    brute-force passes get the shortest axes.
+    scipy's exact distance transform (``sampling=spacing``) finds every voxel's nearest
+    feature; the distance is then taken only at the queries, with scipy's own formula
+    (``sqrt(sum(((nearest - index) * spacing)**2))``), so the values equal its distance map's
+    while the whole-box float64 map is never built.
     """
-    ndim = features.ndim
-    order = sorted(range(ndim), key=lambda ax: features.shape[ax])  # shortest first
-    final = order[-1]
-    if ndim == 1:
-        sq = np.where(features, 0.0, np.inf)
-    else:
-        sq = _linear_pass(features, order[-2], spacing[order[-2]])
-        for axis in order[:-2]:
-            sq = _minplus_pass(sq, axis, spacing[axis])
-    lines_all = np.moveaxis(sq, final, -1)
-    n = lines_all.shape[-1]
-    other = [ax for ax in range(ndim) if ax != final]
-    q_pos = np.arange(n, dtype=np.float64)
-    out = np.empty(len(queries), dtype=np.float64)
-    chunk = max(1, _CHUNK_ELEMENTS // n)
-    for start in range(0, len(queries), chunk):
-        q = queries[start:start + chunk]
-        lines = lines_all[tuple(q[:, ax] for ax in other)]  # (k, n)
-        pen = (spacing[final] * (q[:, final, None].astype(np.float64) - q_pos[None, :])) ** 2
-        out[start:start + chunk] = (lines + pen).min(axis=1)
-    return np.sqrt(out)
+    nearest = ndimage.distance_transform_edt(~features, sampling=spacing, return_distances=False,
+                                             return_indices=True)
+    index = tuple(queries.T)
+    diff = np.stack([nearest[axis][index] - queries[:, axis] for axis in range(features.ndim)]).astype(np.float64)
+    diff *= spacing[:, None]
+    np.multiply(diff, diff, diff)
+    return np.sqrt(np.add.reduce(diff, axis=0))
 
 
 def _pairwise(pts_a: np.ndarray, pts_b: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,11 +153,10 @@ def _pairwise(pts_a: np.ndarray, pts_b: np.ndarray, spacing: np.ndarray) -> tupl
 
 
 def _choose_method(shape: tuple[int, ...], n_a: int, n_b: int) -> str:
-    """Pick the cheaper exact method from rough operation counts (constants measured on CPU)."""
-    voxels = int(np.prod(shape))
-    short = sorted(shape)[:-2]
-    edt_cost = 2 * voxels * (4 + sum(short)) + (n_a + n_b) * max(shape)
-    pair_cost = 3 * n_a * n_b * len(shape)
+    """Pick the cheaper exact method from rough operation counts: one voxel of scipy's distance
+    transform costs about as much as 6 point pairs (measured on CPU, 32^3 to 192^3 boxes)."""
+    edt_cost = 2 * 6 * int(np.prod(shape))  # two transforms over the box
+    pair_cost = n_a * n_b
     return "pairwise" if pair_cost < edt_cost else "edt"
 
 

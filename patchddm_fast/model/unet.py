@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import contextlib
-from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ from patchddm_fast.model.execution.policy import ExecutionPolicy
 from patchddm_fast.model.execution.recompute import block_conv2, prep_conv
 from patchddm_fast.model.execution.skips import SkipStack
 from patchddm_fast.model.execution.tiled import tiled_forward
+from patchddm_fast.model.method import Method, get_method
 
 # none: plain autograd.
 # selective: every GroupNorm-SiLU -> conv pair and every upsample -> conv pair saves only
@@ -52,14 +53,6 @@ def check_recompute(mode: str) -> str:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
     return mode
 
-
-PRESETS = {
-    # PAPER.md: t1, t1ce, t2, flair, 3 coordinate channels, noisy mask.
-    "patchddm": dict(in_channels=8),
-    # FullRes / HalfRes: 4 MR channels + noisy mask, no coordinates.
-    "fullres": dict(in_channels=5),
-    "halfres": dict(in_channels=5),
-}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -221,7 +214,7 @@ def _maybe_checkpoint(fn, enabled: bool, *args):
 
 
 class UNet3D(nn.Module):
-    """PatchDDM's 3D U-Net.  ``UNet3D.from_preset("patchddm")`` has exactly 24,260,299 parameters.
+    """PatchDDM's 3D U-Net.  ``UNet3D.from_method("patchddm")`` has exactly 24,260,299 parameters.
 
     Args:
         in_channels: image channels + (3 coordinate channels) + 1 noisy mask channel.
@@ -326,11 +319,10 @@ class UNet3D(nn.Module):
 
     # ------------------------------------------------------------------ configuration
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "UNet3D":
-        """The paper's network: ``"patchddm"`` (8 input channels), ``"fullres"`` / ``"halfres"`` (5)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+    def from_method(cls, method: Union[str, Method], target: str = "binary", **overrides) -> "UNet3D":
+        """The paper's network for a method (:mod:`patchddm_fast.model.method`): ``"patchddm"``
+        has 8 input channels, ``"fullres"`` / ``"halfres"`` / ``"patches"`` 5 (binary target)."""
+        return cls(**{**get_method(method).network_channels(target), **overrides})
 
     def apply_policy(self, policy: ExecutionPolicy, store: Optional[CpuStore] = None) -> "UNet3D":
         """Run with ``policy`` from now on: installs the ops backend on every norm and

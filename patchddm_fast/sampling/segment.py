@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from patchddm_fast.model.conditioning import condition, network_input
+from patchddm_fast.model.method import get_method
 from patchddm_fast.data.patches import pad_to_multiple, unpad
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.data.regions import nest_regions
@@ -118,7 +119,8 @@ def segment_volume(
     """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
 
     Args:
-        method: "patchddm", "halfres" or "fullres" -- must match how the model was trained.
+        method: a method name (:data:`~patchddm_fast.model.method.METHODS`) -- must match how the
+            model was trained.
         ensemble: number of samples N (each from its own initial noise).
         steps: DDIM steps per sample (PAPER.md: about 20 match 1000).
         seed: the ensemble is a deterministic function of this seed.
@@ -154,8 +156,8 @@ def segment_volume(
     device = param.device
     flush_denormals_on_cpu(device)
     shape = tuple(image.shape[-3:])
-    factor = 2 if method == "halfres" else 1
-    padded, pad_spec = pad_to_multiple(image.to(device), size_multiple_of(model) * factor)
+    factor = get_method(method).decimation  # HalfRes samples the decimated volume, then upsamples
+    padded, pad_spec = pad_to_multiple(image.to(device), get_method(method).size_multiple(size_multiple_of(model)))
     cond = condition(padded, method)[None]
     channels = mask_channels_of(model)
     grid = (1, channels, *cond.shape[-3:])

@@ -13,13 +13,15 @@ independently.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from patchddm_fast.model.conditioning import PATCH_METHODS, check_method, condition, target_mask
+from patchddm_fast.model.conditioning import condition, target_mask
+from patchddm_fast.model.method import get_method
+from patchddm_fast.data.nifti import shifted_affine
 from patchddm_fast.data.patches import PatchOffsetSampler, pad_to_multiple
 
 
@@ -28,6 +30,9 @@ class CaseSource(Protocol):
 
     @property
     def shape(self) -> Tuple[int, int, int]: ...
+
+    @property
+    def affine(self) -> np.ndarray: ...  # the padded grid's voxel -> world matrix (4, 4)
 
     def read(self, origin: Sequence[int] = (0, 0, 0), size: Optional[Sequence[int]] = None): ...
 
@@ -39,6 +44,7 @@ class VolumeCase:
     case_id: str
     image: torch.Tensor  # (4, D, H, W) float32 in [0, 1], padded
     label: torch.Tensor  # (D, H, W) uint8 label values (0/1, or BraTS classes), padded
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))  # the padded grid's voxel -> world
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -50,13 +56,15 @@ class VolumeCase:
         return self.image[(slice(None),) + window], self.label[window]
 
 
-def pad_case(case_id: str, image, label, multiple: int) -> VolumeCase:
-    """A padded in-memory case; the label keeps its values (bool labels become 0/1)."""
+def pad_case(case_id: str, image, label, multiple: int, affine: Optional[np.ndarray] = None) -> VolumeCase:
+    """A padded in-memory case; the label keeps its values (bool labels become 0/1); ``affine``
+    (default identity) is the unpadded grid's and is moved with the padding."""
     image = torch.as_tensor(np.asarray(image, dtype=np.float32))
     label = torch.as_tensor(np.asarray(label).astype(np.uint8))
-    image, _ = pad_to_multiple(image, multiple)
+    image, spec = pad_to_multiple(image, multiple)
     label, _ = pad_to_multiple(label[None].float(), multiple)
-    return VolumeCase(case_id, image, label[0].round().to(torch.uint8))
+    affine = shifted_affine(np.eye(4) if affine is None else affine, [before for before, _ in spec])
+    return VolumeCase(case_id, image, label[0].round().to(torch.uint8), affine)
 
 
 def read_whole(case: CaseSource, binary: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +98,12 @@ class BatchSampler:
                  target: str = "binary", convention: str = "brats2020"):
         if not cases:
             raise ValueError("no training cases")
-        self.method = check_method(method)
+        self.method = get_method(method)
         self.target, self.convention = target, convention
         self.cases = list(cases)
         shapes = {tuple(c.shape) for c in self.cases}
         self.patch: Optional[Tuple[int, int, int]] = None
-        if method in PATCH_METHODS:
+        if self.method.patches:
             self.patch = (patch_size,) * 3
             self.offsets = {s: PatchOffsetSampler(s, self.patch, distribution=distribution) for s in shapes}
         elif len(shapes) > 1:

@@ -4,9 +4,9 @@ A checkpoint is one ``torch.save`` file holding only tensors, numbers, strings, 
 dicts, so it loads with ``torch.load(weights_only=True)`` (safe against the pickle
 attacks that made PyTorch change the default).  The run configuration is stored as a
 JSON string.  Writes go to a temporary file in the same folder, are fsync'ed, then
-renamed over the target: an interrupted save leaves the previous checkpoint intact, and
-the temporary files a killed process leaves behind are removed at the next start
-(:func:`remove_stale_temp_files`).
+renamed over the target (:mod:`patchddm_fast.core.files`): an interrupted save leaves the
+previous checkpoint intact, and the temporary files a killed process leaves behind are
+removed at the next start (:func:`~patchddm_fast.core.files.remove_stale_temp_files`).
 
 Integrity (format 2): the file stores ``sha256``, a digest of every tensor's bytes, dtype
 and shape and every other value, walked in a fixed order (:func:`state_digest`); loading
@@ -21,69 +21,19 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
 
+from patchddm_fast.core.files import atomic_write_bytes
 from patchddm_fast.model.execution.policy import ExecutionPolicy
+from patchddm_fast.model.method import IMAGE_CHANNELS, get_method
+from patchddm_fast.model.unet import UNet3D
 
 FORMAT_VERSION = 2  # 2: with the sha256 digest; 1: without (still readable)
 REQUIRED_CONFIG_KEYS = ("method", "model", "diffusion")
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
-
-
-def atomic_write_bytes(path: Path, write_fn) -> None:
-    """Call ``write_fn(file_object)`` on a temp file next to ``path``, then rename it into place.
-
-    An OSError (disk full, file-size limit, read-only folder) is re-raised naming ``path``;
-    the temp file is removed and the previous ``path`` stays as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise OSError(exc.errno, f"{exc.strerror or exc} (while writing; the previous file is unchanged)",
-                          str(path)) from exc
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``text`` (UTF-8) written atomically: readers see the old file or the new one, never half."""
-    data = text.encode("utf-8")
-    atomic_write_bytes(Path(path), lambda f: f.write(data))
-
-
-_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # what atomic_write_bytes' mkstemp names look like
-
-
-def remove_stale_temp_files(folder: Path) -> List[Path]:
-    """Delete the ``.<name>.<random>.tmp`` files that killed atomic writes left in ``folder``.
-
-    Call it only while holding the folder's run lock (:mod:`patchddm_fast.core.runlock`): then
-    no live writer can own one of them.
-    """
-    removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False) and _TEMP_NAME.match(entry.name):
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-    return removed
 
 
 def _feed(h, obj: Any) -> None:
@@ -210,14 +160,9 @@ def check_weights_match(model: torch.nn.Module, weights: Dict[str, Any], path: P
 
 def build_model(config: Dict[str, Any]):
     """The network a run's config describes (same code path for training and inference)."""
-    from patchddm_fast.model.conditioning import in_channels
-    from patchddm_fast.model.unet import UNet3D
-    from patchddm_fast.data.regions import target_channels
-
     arch = dict(config["model"])
-    mask_channels = target_channels(config.get("target", "binary"))
-    arch["in_channels"] = in_channels(config["method"], config.get("image_channels", 4), mask_channels)
-    arch["out_channels"] = mask_channels
+    arch.update(get_method(config["method"]).network_channels(config.get("target", "binary"),
+                                                              config.get("image_channels", IMAGE_CHANNELS)))
     # The config keeps the flag name "checkpoint"; the network calls it "recompute".
     policy = ExecutionPolicy(ops=config.get("ops", "reference"), recompute=config.get("checkpoint", "none"))
     return UNet3D(**arch, policy=policy)

@@ -14,7 +14,8 @@ VALIDATION_SEED_OFFSET = 1_000_003
 def phantom_cases(n: int, size: int, seed: int, multiple: int, **options) -> List[VolumeCase]:
     from patchddm_fast.data.phantom import make_phantom_dataset
 
-    return [pad_case(c.case_id, c.image, c.labels, multiple) for c in make_phantom_dataset(n, size, seed, **options)]
+    return [pad_case(c.case_id, c.image, c.labels, multiple, c.affine)
+            for c in make_phantom_dataset(n, size, seed, **options)]
 
 
 def label_convention(config) -> str:

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, atomic_write_text, build_model, check_weights_match,
-                                      load_checkpoint, remove_stale_temp_files, save_checkpoint)
+from patchddm_fast.core.files import atomic_write_text, remove_stale_temp_files
+from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, build_model, check_weights_match, load_checkpoint,
+                                      save_checkpoint)
 from patchddm_fast.model.conditioning import network_input
+from patchddm_fast.model.method import get_method, network_multiple
 from patchddm_fast.config import TrainConfig
 from patchddm_fast.training import distributed
 from patchddm_fast.training.cases import BatchSampler, CaseSource, read_whole, step_generators
@@ -130,7 +132,7 @@ class Trainer:
 
         cfg = self.config
         arch = planner_arch(cfg.model, cfg.method, cfg.target)
-        multiple = 2 ** (len(arch["channel_mult"]) - 1)
+        multiple = network_multiple(arch["channel_mult"])
         patch_sizes = tuple(s for s in (cfg.patch_size, cfg.patch_size // 2) if s >= multiple and s % multiple == 0)
         p = plan(cfg.memory_budget, preset=cfg.method, mode="train", precision=cfg.precision, patch_sizes=patch_sizes,
                  model_kwargs=arch, ddp=self.dist.enabled)
@@ -147,13 +149,13 @@ class Trainer:
         empty dict would leave predict guessing (and warning) for a default-trained model."""
         from patchddm_fast.data.training_sets import preprocess_config_for
 
-        multiple = self.model.size_multiple * (2 if self.config.method == "halfres" else 1)
+        multiple = get_method(self.config.method).size_multiple(self.model.size_multiple)
         self.config.preprocess = preprocess_config_for(self.config.preprocess, multiple).to_dict()
 
     def _load_cases(self):
         from patchddm_fast.training.sources import label_convention, load_cases
 
-        multiple = self.model.size_multiple * (2 if self.config.method == "halfres" else 1)
+        multiple = get_method(self.config.method).size_multiple(self.model.size_multiple)
         if self._train_cases is None:
             self._train_cases, loaded_val = load_cases(self.config, multiple)
             if self._val_cases is None:
