@@ -1,7 +1,17 @@
 """patchddm_fast: memory-optimised 3D denoising diffusion models for medical image segmentation.
 
 >>> from patchddm_fast import Trainer, TrainConfig, UNet3D
+
+The package's face (the top layer): it may import every layer below, and nothing in the
+package imports it.  ``Trainer`` here is :class:`patchddm_fast.training.trainer.Trainer` that
+first asks the memory planner for a plan when ``config.memory_budget`` is set (as
+``patchddm train`` does); the training layer's own Trainer runs the plan it is given.
 """
+from __future__ import annotations
+
+import functools
+from typing import Any
+
 from patchddm_fast.config import TrainConfig
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.model.unet import UNet3D
@@ -10,13 +20,33 @@ __version__ = "0.1.0"
 __all__ = ["Diffusion", "TrainConfig", "Trainer", "UNet3D", "segment_volume"]
 
 
-def __getattr__(name):
-    # Trainer and the sampler pull in data/metrics modules; import them on first use.
-    if name == "Trainer":
-        from patchddm_fast.training.trainer import Trainer
+@functools.lru_cache(maxsize=None)
+def _planning_trainer() -> type:
+    # Imported on first use: the trainer pulls in the data, metrics and planner modules.
+    from patchddm_fast.analysis.planner import plan_training
+    from patchddm_fast.config import as_config
+    from patchddm_fast.training import distributed, trainer
 
-        return Trainer
+    class Trainer(trainer.Trainer):
+        """:class:`patchddm_fast.training.trainer.Trainer`; with ``config.memory_budget`` set and
+        no ``plan`` given, the planner's plan for the budget (per rank under torchrun)."""
+
+        def __init__(self, config: Any = None, *, plan: Any = None, **kwargs: Any):
+            cases = {k: kwargs.pop(k) for k in ("train_cases", "val_cases") if k in kwargs}
+            config = as_config(config, **kwargs)
+            if plan is None and config.memory_budget:
+                plan = plan_training(config, ddp=distributed.env_world_size() > 1)
+            super().__init__(config, plan=plan, **cases)
+
+    Trainer.__module__ = __name__
+    return Trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Trainer":
+        return _planning_trainer()
     if name == "segment_volume":
+        # Imported on first use, like the Trainer.
         from patchddm_fast.sampling.segment import segment_volume
 
         return segment_volume

@@ -54,23 +54,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchddm_fast.training.checkpoint import load_for_inference
-    from patchddm_fast.config import TrainConfig
-    from patchddm_fast.training.sources import load_cases
+    from patchddm_fast.cli.oom import planner_advice_on_oom
     from patchddm_fast.cli.showcase import evaluate_cases, format_table
-
-    from patchddm_fast.training.trainer import resolve_device
+    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.core.devices import resolve_device
+    from patchddm_fast.training.checkpoint import data_multiple, load_for_inference
+    from patchddm_fast.training.sources import load_cases
 
     model, diffusion, cfg_dict = load_for_inference(args.model, device=resolve_device(args.device))
     config = TrainConfig.from_dict(cfg_dict, source=f"checkpoint {args.model}")
     if args.cases is not None:
         config.phantom_val = args.cases
-    multiple = model.size_multiple * (2 if config.method == "halfres" else 1)
-    _, val_cases = load_cases(config, multiple)
-    metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
-                             steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
-                             memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
-                             overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch,
-                             convention=config.label_convention)
+    _, val_cases = load_cases(config, data_multiple(config.to_dict()))
+    with planner_advice_on_oom(config.method, "sample"):
+        metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
+                                 steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
+                                 memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
+                                 overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch,
+                                 convention=config.label_convention)
     print(format_table(metrics))
     return 0

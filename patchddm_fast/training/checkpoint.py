@@ -28,6 +28,11 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from patchddm_fast.data.regions import target_channels
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.model.conditioning import in_channels
+from patchddm_fast.model.unet import UNet3D
+
 FORMAT_VERSION = 2  # 2: with the sha256 digest; 1: without (still readable)
 REQUIRED_CONFIG_KEYS = ("method", "model", "diffusion")
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
@@ -207,10 +212,6 @@ def check_weights_match(model: torch.nn.Module, weights: Dict[str, Any], path: P
 
 def build_model(config: Dict[str, Any]):
     """The network a run's config describes (same code path for training and inference)."""
-    from patchddm_fast.model.conditioning import in_channels
-    from patchddm_fast.model.unet import UNet3D
-    from patchddm_fast.data.regions import target_channels
-
     arch = dict(config["model"])
     mask_channels = target_channels(config.get("target", "binary"))
     arch["in_channels"] = in_channels(config["method"], config.get("image_channels", 4), mask_channels)
@@ -218,10 +219,17 @@ def build_model(config: Dict[str, Any]):
     return UNet3D(**arch, ops=config.get("ops", "reference"), checkpoint=config.get("checkpoint", "none"))
 
 
+def data_multiple(config: Dict[str, Any]) -> int:
+    """Every volume a run trains or predicts on must have edges that are multiples of this:
+    the network's ``UNet3D.size_multiple`` (built on the meta device: no weights), twice
+    that for HalfRes, which decimates by 2 before the network."""
+    with torch.device("meta"):
+        multiple = build_model(config).size_multiple
+    return multiple * (2 if config["method"] == "halfres" else 1)
+
+
 def load_for_inference(path, device="cpu"):
     """(model in eval mode, Diffusion, config dict) from a checkpoint written by the Trainer."""
-    from patchddm_fast.diffusion.schedule import Diffusion
-
     state, config = load_checkpoint(Path(path), map_location=device)
     try:
         model = build_model(config)
