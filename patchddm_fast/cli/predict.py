@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, ctx, device: str) -> int:
     from patchddm_fast.cli.oom import planner_advice_on_oom
     from patchddm_fast.training import distributed
-    from patchddm_fast.training.checkpoint import atomic_write_text, data_multiple, load_for_inference
+    from patchddm_fast.training.checkpoint import atomic_write_text, load_for_inference
     from patchddm_fast.data.layouts import PREDICTION_MARKER
     from patchddm_fast.data.training_sets import preprocess_config_for
     from patchddm_fast.core.safe_paths import output_folder
@@ -236,7 +236,7 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
     quiet = args.quiet or not ctx.is_main
     model, diffusion, cfg = load_for_inference(args.model, device=device)
     method = cfg["method"]
-    multiple = data_multiple(cfg)
+    multiple = int(getattr(model, "size_multiple", 1)) * (2 if method == "halfres" else 1)
     if not cfg.get("preprocess") and not quiet:
         print(f"patchddm predict: {args.model} stores no preprocessing parameters; using the defaults",
               file=sys.stderr)
