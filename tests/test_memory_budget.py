@@ -11,7 +11,7 @@ import torch
 from patchddm_fast import Trainer
 from patchddm_fast.analysis import simulate
 from patchddm_fast.analysis.planner import DEFAULT_HEADROOM, plan_sampling, planner_arch
-from patchddm_fast.cli.oom import planner_advice_on_oom
+from patchddm_fast.cli.sample import planner_advice_on_oom
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
 from patchddm_fast.model.unet import ResBlock, UNet3D

@@ -104,7 +104,7 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchddm_fast.cli.oom import planner_advice_on_oom
+    from patchddm_fast.cli.sample import planner_advice_on_oom
     from patchddm_fast.cli.showcase import format_table
 
     out = Path(args.out)

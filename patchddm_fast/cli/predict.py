@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctx, device: str) -> int:
-    from patchddm_fast.cli.oom import planner_advice_on_oom
+    from patchddm_fast.cli.sample import planner_advice_on_oom
     from patchddm_fast.training import distributed
     from patchddm_fast.training.checkpoint import atomic_write_text, load_for_inference
     from patchddm_fast.data.layouts import PREDICTION_MARKER

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
+import torch
+
+from patchddm_fast.analysis.planner import oom_advice
 from patchddm_fast.core.validation import float_in, int_at_least
+from patchddm_fast.sampling.segment import SamplingOutOfMemoryError
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -36,6 +42,20 @@ def add_memory_budget_flag(p: argparse.ArgumentParser) -> None:
                    help="GPU memory to stay within, e.g. 8GB: the planner picks precision, skip offload and tiling")
 
 
+@contextlib.contextmanager
+def planner_advice_on_oom(method: str, mode: str) -> Iterator[None]:
+    """Raise a CUDA out-of-memory error inside the block as a RuntimeError holding the memory
+    planner's advice (train, sample, predict, demo): for the grid the sampler ran out on
+    (:class:`SamplingOutOfMemoryError` names it), else for ``mode``.  The trainer and the
+    sampler never call the planner; the commands do."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        if isinstance(exc, SamplingOutOfMemoryError):
+            raise RuntimeError(oom_advice(exc, preset=exc.method, mode="sample", size=exc.size)) from exc
+        raise RuntimeError(oom_advice(exc, preset=method, mode=mode)) from exc
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample", help="sample whole held-out volumes from a checkpoint and score them",
@@ -54,7 +74,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchddm_fast.cli.oom import planner_advice_on_oom
     from patchddm_fast.cli.showcase import evaluate_cases, format_table
     from patchddm_fast.config import TrainConfig
     from patchddm_fast.core.devices import resolve_device

@@ -107,7 +107,7 @@ def launch_torchrun(config: TrainConfig, nproc: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from patchddm_fast.analysis.planner import plan_training
-    from patchddm_fast.cli.oom import planner_advice_on_oom
+    from patchddm_fast.cli.sample import planner_advice_on_oom
     from patchddm_fast.training import distributed
     from patchddm_fast.training.trainer import Trainer
 
