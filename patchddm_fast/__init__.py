@@ -4,12 +4,15 @@
 
 The package's face (the top layer): it may import every layer below, and nothing in the
 package imports it.  ``Trainer`` here is :class:`patchddm_fast.training.trainer.Trainer` that
-first asks the memory planner for a plan when ``config.memory_budget`` is set (as
-``patchddm train`` does); the training layer's own Trainer runs the plan it is given.
+first asks the memory planner for a plan when ``config.memory_budget`` is set, and
+``segment_volume`` is :func:`patchddm_fast.sampling.segment.segment_volume` that does the same
+for a ``memory_budget=`` argument (as ``patchddm train`` / ``predict`` do); the layers below
+run the plan they are given and never plan.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from patchddm_fast.config import TrainConfig
@@ -38,16 +41,26 @@ def _planning_trainer() -> type:
                 plan = plan_training(config, ddp=distributed.env_world_size() > 1)
             super().__init__(config, plan=plan, **cases)
 
-    Trainer.__module__ = __name__
+    Trainer.__module__, Trainer.__qualname__ = __name__, "Trainer"
     return Trainer
+
+
+def segment_volume(model: Any, diffusion: Any, image: Any, *, memory_budget: Any = None, **kwargs: Any) -> Any:
+    """:func:`patchddm_fast.sampling.segment.segment_volume`; with ``memory_budget`` (e.g. "8GB")
+    and no ``plan``, the planner's plan for this volume (ops, precision, offload, tiling and
+    ensemble members per batch)."""
+    # Imported on first use: sampling and the planner pull in the data and simulator modules.
+    from patchddm_fast.analysis.planner import plan_sampling
+    from patchddm_fast.sampling import segment
+
+    if memory_budget is not None and kwargs.get("plan") is None:
+        ensemble = kwargs.get("ensemble", inspect.signature(segment.segment_volume).parameters["ensemble"].default)
+        kwargs["plan"] = plan_sampling(model, memory_budget, kwargs["method"], image.shape,
+                                       ensemble if kwargs.get("member_batch") is None else 1)
+    return segment.segment_volume(model, diffusion, image, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Trainer":
         return _planning_trainer()
-    if name == "segment_volume":
-        # Imported on first use, like the Trainer.
-        from patchddm_fast.sampling.segment import segment_volume
-
-        return segment_volume
     raise AttributeError(name)

@@ -134,3 +134,22 @@ def test_out_of_memory_in_training_is_answered_with_the_planners_advice(tmp_path
         with planner_advice_on_oom("patchddm", "train"):
             trainer.fit()
     assert "patchddm plan --gpu-memory" in str(exc.value)
+
+
+def test_the_package_face_plans_a_sampling_budget(monkeypatch):
+    """patchddm_fast.segment_volume(memory_budget=...) asks the planner and hands the plan down;
+    without a budget the planner is never called (inference runs no simulator)."""
+    import patchddm_fast
+    import patchddm_fast.analysis.planner as planner
+
+    calls = []
+    real = planner.plan_sampling
+    monkeypatch.setattr(planner, "plan_sampling", lambda *a, **k: calls.append(a) or real(*a, **k))
+    model = UNet3D(in_channels=8, **TINY_MODEL)
+    image = torch.rand(4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(method="patchddm", ensemble=2, steps=1, seed=0, progress=False)
+    plain = patchddm_fast.segment_volume(model, Diffusion(), image, **kw)
+    assert calls == []
+    budgeted = patchddm_fast.segment_volume(model, Diffusion(), image, memory_budget="80GB", **kw)
+    assert len(calls) == 1 and calls[0][1:] == ("80GB", "patchddm", (4, 8, 8, 8), 2)
+    torch.testing.assert_close(budgeted.mean, plain.mean)
