@@ -32,6 +32,7 @@ from patchddm_fast.data.regions import target_channels
 from patchddm_fast.model.conditioning import IMAGE_CHANNELS, in_channels
 from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
 from patchddm_fast.sampling.segment import network_grid
+from patchddm_fast.training.checkpoint import build_model
 
 DEFAULT_HEADROOM = 0.05
 
@@ -251,7 +252,8 @@ def plan_training(config: TrainConfig, ddp: bool = False) -> ExecutionPlan:
     per rank under DistributedDataParallel.  Raises ``RuntimeError`` with the planner's
     explanation when nothing fits."""
     arch = planner_arch(config.model, config.method, config.target)
-    multiple = 2 ** (len(arch["channel_mult"]) - 1)  # UNet3D.size_multiple of this architecture
+    with torch.device("meta"):  # the network's size multiple, without weights
+        multiple = build_model(config.to_dict()).size_multiple
     patch_sizes = tuple(s for s in (config.patch_size, config.patch_size // 2) if s >= multiple and s % multiple == 0)
     p = plan(config.memory_budget, preset=config.method, mode="train", precision=config.precision,
              patch_sizes=patch_sizes, model_kwargs=arch, ddp=ddp)

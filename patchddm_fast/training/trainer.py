@@ -1,8 +1,9 @@
 """``Trainer(config).fit()``: train, validate, checkpoint atomically, resume exactly.
 
 The loop is deliberately short (in the spirit of denoising-diffusion-pytorch): draw a
-batch and (t, noise) from generators seeded by (seed, step), compute the epsilon MSE on
-the mask channel, step AdamW through the precision policy's loss scaler, and every so
+batch and (t, noise) from generators seeded by (seed, step), run the one train step
+(:func:`patchddm_fast.diffusion.steps.train_step`: the loss on the mask channel, AdamW
+through the precision policy's loss scaler, clipping, the lr schedule), and every so
 often validate (Dice on whole held-out volumes sampled with DDIM) and save
 ``out_dir/last.pt``.  Because each step's randomness depends only on (seed, step), a
 resumed run reproduces the uninterrupted run's losses exactly.
@@ -38,8 +39,9 @@ from patchddm_fast.model.execution.precision import resolve_precision
 from patchddm_fast.sampling.segment import flush_denormals_on_cpu, segment_volume
 from patchddm_fast.training import distributed
 from patchddm_fast.training.cases import BatchSampler, CaseSource, read_whole, step_generators
-from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, atomic_write_text, build_model, check_weights_match,
-                                               data_multiple, load_checkpoint, remove_stale_temp_files, save_checkpoint)
+from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, atomic_write_text, build_model,
+                                               check_weights_match, data_multiple, load_checkpoint,
+                                               remove_stale_temp_files, save_checkpoint)
 from patchddm_fast.training.schedule import StepSchedule
 from patchddm_fast.training.sources import label_convention, load_cases
 
