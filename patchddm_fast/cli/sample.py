@@ -8,9 +8,7 @@ from typing import Iterator
 
 import torch
 
-from patchddm_fast.analysis.planner import oom_advice
 from patchddm_fast.core.validation import float_in, int_at_least
-from patchddm_fast.sampling.segment import SamplingOutOfMemoryError
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -51,6 +49,9 @@ def planner_advice_on_oom(method: str, mode: str) -> Iterator[None]:
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
+        from patchddm_fast.analysis.planner import oom_advice  # the simulator loads only when advice is needed
+        from patchddm_fast.sampling.segment import SamplingOutOfMemoryError
+
         if isinstance(exc, SamplingOutOfMemoryError):
             raise RuntimeError(oom_advice(exc, preset=exc.method, mode="sample", size=exc.size)) from exc
         raise RuntimeError(oom_advice(exc, preset=method, mode=mode)) from exc
