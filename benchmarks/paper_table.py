@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 from patchddm_fast.analysis.memory_report import GB, MemoryReport
+from patchddm_fast.analysis.simulate import PAPER_SIZES
 
 # PAPER.md, "The numbers to beat" (A100 80 GB, batch 1): memory in GB, time in seconds.
 PAPER_FIGURES: Dict[str, Dict[str, float]] = {
@@ -15,8 +16,6 @@ PAPER_FIGURES: Dict[str, Dict[str, float]] = {
     "halfres": dict(train_gb=10.5, sample_gb=4.90, train_s=0.351, sample_s=0.124),
     "patchddm": dict(train_gb=10.6, sample_gb=24.0, train_s=0.340, sample_s=1.02),
 }
-PAPER_SIZES = {("fullres", "train"): 256, ("fullres", "sample"): 256, ("halfres", "train"): 128,
-               ("halfres", "sample"): 128, ("patchddm", "train"): 128, ("patchddm", "sample"): 256}
 
 # Configurations the benchmark simulates per mode: (label, recipe, overrides).
 CONFIGS: Dict[str, List[Tuple[str, str, Dict[str, Any]]]] = {

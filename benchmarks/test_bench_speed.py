@@ -71,14 +71,14 @@ def test_cpu_network_evaluation(benchmark, bench_results):
     inputs = eval_inputs(paper.config["in_channels"], SIZE, generator=torch.Generator().manual_seed(1))
     paper_t: List[float] = []
     engine_t: List[float] = []
-    benchmark.pedantic(lambda: _timed(lambda: network_eval(engine, FP32, inputs), engine_t),
-                       setup=lambda: _timed(lambda: network_eval(paper, FP32, inputs), paper_t),
+    benchmark.pedantic(lambda: _timed(lambda: network_eval(engine, inputs, FP32.autocast()), engine_t),
+                       setup=lambda: _timed(lambda: network_eval(paper, inputs, FP32.autocast()), paper_t),
                        rounds=EVAL_ROUNDS, warmup_rounds=1, iterations=1)
     # drop the warm-up round of both
     _record(bench_results, benchmark, "network evaluation (no_grad)", paper_t[1:],
             {"fused ops, in-place skip averages": engine_t[1:]}, target=1.0)
     with torch.no_grad():  # same network, same numbers (fp32)
-        ref, out = network_eval(paper, FP32, inputs), network_eval(engine, FP32, inputs)
+        ref, out = network_eval(paper, inputs, FP32.autocast()), network_eval(engine, inputs, FP32.autocast())
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 

@@ -13,7 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import yaml
+
 from patchddm_fast.core import validation as v
+from patchddm_fast.core.devices import DEVICE_PATTERN
+from patchddm_fast.core.units import parse_bytes
+from patchddm_fast.data.layouts import LAYOUTS
+from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
+from patchddm_fast.data.preprocess import PreprocessConfig
+from patchddm_fast.data.regions import CONVENTIONS, TARGETS
+from patchddm_fast.diffusion.schedule import PREDICTIONS
+from patchddm_fast.model.backend import OPS_BACKENDS
+from patchddm_fast.model.method import METHODS
+from patchddm_fast.model.execution.offload import OFFLOAD_MODES
+from patchddm_fast.model.execution.precision import PRECISIONS
+from patchddm_fast.model.unet import RECOMPUTE_MODES
+from patchddm_fast.training.schedule import LR_SCHEDULES
 
 PAPER_ARCH: Dict[str, Any] = dict(
     base_width=29, channel_mult=(1, 3, 4, 4, 4, 4, 4), enc_blocks=2, dec_blocks=3, mid_blocks=2, groups=29,
@@ -110,6 +125,23 @@ class TrainConfig:
         return self
 
 
+def as_config(config: Union["TrainConfig", Mapping[str, Any], str, Path, None] = None,
+              **overrides: Any) -> "TrainConfig":
+    """A validated TrainConfig from a TrainConfig, a dict of its fields, a JSON/YAML path or
+    None (the defaults), with keyword ``overrides`` applied on top."""
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, (str, Path)):
+        config = TrainConfig.from_file(config)
+    elif isinstance(config, Mapping):
+        config = TrainConfig.from_dict(config)
+    else:
+        config.validate()
+    if overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    return config
+
+
 def _source_of(source: Union[str, Mapping[str, str], None], key: str) -> str:
     if source is None:
         return ""
@@ -149,8 +181,6 @@ def _validate_model(model: Mapping[str, Any], src) -> Dict[str, Any]:
 
 
 def _validate_diffusion(diff: Mapping[str, Any], src) -> Dict[str, Any]:
-    from patchddm_fast.diffusion.schedule import PREDICTIONS
-
     s = _source_of(src, "diffusion")
     allowed = {"timesteps", "beta_start", "beta_end", "clip_x0", "prediction"}
     unknown = sorted(set(diff) - allowed)
@@ -171,16 +201,6 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     """Every TrainConfig value checked for type, range and allowed names; returns the values
     normalised (whole floats to int, numbers to float).  Raises :class:`ConfigError` naming
     the source, key, value and expected form."""
-    from patchddm_fast.model.method import METHODS
-    from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
-    from patchddm_fast.data.layouts import LAYOUTS
-    from patchddm_fast.model.execution.offload import OFFLOAD_MODES
-    from patchddm_fast.model.backend import OPS_BACKENDS
-    from patchddm_fast.model.unet import RECOMPUTE_MODES
-    from patchddm_fast.model.execution.precision import PRECISIONS
-    from patchddm_fast.data.regions import CONVENTIONS, TARGETS
-    from patchddm_fast.training.trainer import LR_SCHEDULES
-
     out = dict(d)
     src = lambda k: _source_of(source, k)  # noqa: E731
     ints = dict(preprocess_workers=1, phantom_size=4, phantom_train=1, phantom_val=0, patch_size=1, steps=1,
@@ -229,14 +249,10 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
             raise v.fail(src("betas"), "betas", b, "two numbers in [0, 1)")
         out["betas"] = tuple(v.check_float(x, "betas", src("betas"), 0.0, 1.0, hi_open=True) for x in b)
     if "device" in d:
-        from patchddm_fast.core.devices import DEVICE_PATTERN
-
         dev = d["device"]
         if not isinstance(dev, str) or not re.fullmatch(DEVICE_PATTERN, dev):
             raise v.fail(src("device"), "device", dev, "auto, cpu, cuda or cuda:N")
     if d.get("memory_budget") is not None:
-        from patchddm_fast.analysis.planner import parse_bytes
-
         try:
             parse_bytes(d["memory_budget"])
         except (ValueError, TypeError):
@@ -246,8 +262,6 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
         pre = d["preprocess"]
         if not isinstance(pre, Mapping):
             raise v.fail(src("preprocess"), "preprocess", pre, "a mapping of preprocessing settings")
-        from patchddm_fast.data.preprocess import PreprocessConfig
-
         fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
         unknown = sorted(set(pre) - fields)
         if unknown:
@@ -271,8 +285,6 @@ def read_config_file(path) -> Dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

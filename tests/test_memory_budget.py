@@ -1,4 +1,4 @@
-"""A memory budget reaches what runs: the Trainer and the sampler use the planner's choice.
+"""A memory budget reaches what runs: the Trainer and the sampler run the planner's plan.
 
 Budgets are set between what two candidate settings need in the simulator (the planner's
 own steady-state simulation), so the planner is forced past the cheapest setting, and the
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from patchddm_fast import Trainer
-from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.analysis import simulate
-from patchddm_fast.analysis.planner import DEFAULT_HEADROOM, planner_arch
-from patchddm_fast.model.execution.policy import ExecutionPolicy
+from patchddm_fast.analysis.planner import DEFAULT_HEADROOM, plan_sampling, planner_arch
+from patchddm_fast.cli.sample import planner_advice_on_oom
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
 from patchddm_fast.model.unet import ResBlock, UNet3D
-from patchddm_fast.sampling.segment import segment_volume
+from patchddm_fast.sampling.segment import SamplingOutOfMemoryError, segment_volume
+from patchddm_fast.training import trainer as training
 from test_trainer import TINY_MODEL, random_cases, tiny_config
 
 
@@ -37,10 +39,11 @@ def test_trainer_runs_what_the_planner_chose(tmp_path):
     budget = _budget_between(_process_bytes("train", size, arch, checkpoint="none"),
                              _process_bytes("train", size, arch, checkpoint="selective"))
     trainer = Trainer(config, memory_budget=budget, train_cases=random_cases(1, size=size), val_cases=[])
-    plan = trainer.memory_plan
-    assert plan.fits and plan.predicted_process_bytes <= budget
-    assert plan.settings["checkpoint"] != "none"
-    assert trainer.config.checkpoint == plan.settings["checkpoint"]
+    plan = trainer.plan  # patchddm_fast.Trainer asked the planner; the training layer's Trainer ran it
+    assert isinstance(trainer, training.Trainer)
+    assert plan.predicted_process_bytes <= budget
+    assert plan.policy.recompute != "none"
+    assert trainer.config.checkpoint == plan.policy.recompute
     assert trainer.config.patch_size == size
     blocks = [m for m in trainer.model.modules() if isinstance(m, ResBlock)]
     assert blocks and all(b.recompute != "none" for b in blocks)
@@ -74,22 +77,19 @@ def test_sampler_with_a_tight_budget_offloads_and_gives_the_same_result():
         return original_forward(x, t)
 
     model.forward = spy
-    budgeted = segment_volume(model, diffusion, image, memory_budget=budget, **kw)
+    plan = plan_sampling(model, budget, "patchddm", image.shape)
+    assert plan.policy.offload == "skips"
+    budgeted = segment_volume(model, diffusion, image, plan=plan, **kw)
     model.forward = original_forward
     assert seen and all(p.offload == "skips" for p in seen)
     assert model.policy == ExecutionPolicy()  # restored afterwards
     torch.testing.assert_close(budgeted.mean, reference.mean, rtol=1e-4, atol=1e-4)
 
 
-def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identically(monkeypatch):
+def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identically():
     """With a bf16 plan the sampler keeps the conditioning in bf16 (what the simulator counts);
     under autocast the first convolution rounds its input to bf16 anyway, so the samples equal
     those of fp32 conditioning under the same autocast, bit for bit."""
-    import patchddm_fast.model.execution.precision as precision_module
-    from patchddm_fast.model.execution.precision import NoScaler, Precision
-
-    monkeypatch.setattr(precision_module, "resolve_precision",
-                        lambda name, device: Precision("bf16", torch.device("cpu"), NoScaler()))
     torch.manual_seed(0)
     model = UNet3D(in_channels=8, **TINY_MODEL)
     for p in model.parameters():
@@ -98,7 +98,8 @@ def test_planned_low_precision_holds_the_conditioning_in_that_dtype_bit_identica
     kw = dict(method="patchddm", ensemble=1, steps=2, seed=3, progress=False)
     inputs = []
     model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].dtype))
-    planned = segment_volume(model, Diffusion(), image, memory_budget="80GB", **kw)
+    plan = ExecutionPlan(ExecutionPolicy(ops="fused"), precision="bf16")
+    planned = segment_volume(model, Diffusion(), image, plan=plan, **kw)
     assert inputs and set(inputs) == {torch.bfloat16}
     model.apply_policy(ExecutionPolicy(ops="fused"))  # what the plan ran with
     fp32_cond = segment_volume(model, Diffusion(), image, autocast=torch.autocast("cpu", dtype=torch.bfloat16), **kw)
@@ -110,17 +111,45 @@ def _raise_oom(*args, **kwargs):
 
 
 def test_out_of_memory_in_sampling_is_answered_with_the_planners_advice(monkeypatch):
+    """The sampler names the grid it ran out on; the CLI (not the sampler) asks the planner."""
     model = UNet3D(in_channels=8, **TINY_MODEL)
     monkeypatch.setattr(model, "forward", _raise_oom)
-    with pytest.raises(RuntimeError, match="CUDA out of memory") as exc:
+    with pytest.raises(SamplingOutOfMemoryError) as raised:
         segment_volume(model, Diffusion(), torch.rand(4, 8, 8, 8), method="patchddm", ensemble=1, steps=1,
                        progress=False)
+    assert (raised.value.method, raised.value.size) == ("patchddm", 8)
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as exc:
+        with planner_advice_on_oom("patchddm", "sample"):
+            raise raised.value
     assert "patchddm plan --gpu-memory" in str(exc.value)  # no GPU here: the planner command to run
+    assert "--mode sample" in str(exc.value)
 
 
 def test_out_of_memory_in_training_is_answered_with_the_planners_advice(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, patch_size=8), train_cases=random_cases(1), val_cases=[])
     monkeypatch.setattr(trainer.model, "forward", _raise_oom)
-    with pytest.raises(RuntimeError, match="CUDA out of memory") as exc:
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the Trainer does not plan ...
         trainer.fit()
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as exc:  # ... the command does
+        with planner_advice_on_oom("patchddm", "train"):
+            trainer.fit()
     assert "patchddm plan --gpu-memory" in str(exc.value)
+
+
+def test_the_package_face_plans_a_sampling_budget(monkeypatch):
+    """patchddm_fast.segment_volume(memory_budget=...) asks the planner and hands the plan down;
+    without a budget the planner is never called (inference runs no simulator)."""
+    import patchddm_fast
+    import patchddm_fast.analysis.planner as planner
+
+    calls = []
+    real = planner.plan_sampling
+    monkeypatch.setattr(planner, "plan_sampling", lambda *a, **k: calls.append(a) or real(*a, **k))
+    model = UNet3D(in_channels=8, **TINY_MODEL)
+    image = torch.rand(4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(method="patchddm", ensemble=2, steps=1, seed=0, progress=False)
+    plain = patchddm_fast.segment_volume(model, Diffusion(), image, **kw)
+    assert calls == []
+    budgeted = patchddm_fast.segment_volume(model, Diffusion(), image, memory_budget="80GB", **kw)
+    assert len(calls) == 1 and calls[0][1:] == ("80GB", "patchddm", (4, 8, 8, 8), 2)
+    torch.testing.assert_close(budgeted.mean, plain.mean)

@@ -1,7 +1,8 @@
 """The planner: its choice fits its budget in the simulator, and nothing faster does."""
 import pytest
 
-from patchddm_fast.analysis import fits_budget, oom_advice, parse_bytes, plan, simulate
+from patchddm_fast.analysis import fits_budget, oom_advice, plan, simulate
+from patchddm_fast.core.units import parse_bytes
 from patchddm_fast.analysis.allocator import CUDA_CONTEXT_BYTES, MiB
 
 TINY = dict(base_width=8, channel_mult=(1, 2, 2), groups=4)

@@ -250,3 +250,26 @@ def test_preprocessing_warning_only_when_the_checkpoint_lacks_it(data, tmp_path,
         assert run_cli("--model", tmp_path / f"{name}.pt", "--input", case_dir, "--out", tmp_path / name,
                        "--ensemble", 1, "--steps", 1) == 0
         assert ("stores no preprocessing parameters" in capsys.readouterr().err) == warns, name
+
+
+def test_memory_budget_is_planned_by_the_command_and_handed_to_the_sampler(stand_in, data, tmp_path, monkeypatch):
+    """The sampler receives a plan; the planner runs only because --memory-budget was given."""
+    planned, received = [], []
+
+    def fake_plan_sampling(model, budget, method, image_shape, ensemble=1):
+        planned.append((budget, method, tuple(image_shape), ensemble))
+        return "the plan"
+
+    def segment_with_plan(model, diffusion, image, *, plan=None, **kwargs):
+        received.append(plan)
+        return fake_segment_volume(model, diffusion, image, **kwargs)
+
+    monkeypatch.setattr("patchddm_fast.analysis.planner.plan_sampling", fake_plan_sampling)
+    monkeypatch.setattr("patchddm_fast.sampling.segment.segment_volume", segment_with_plan)
+    case_dir = data / "brats" / "BraTS20_Training_001"
+    assert run_cli("--model", "m.pt", "--input", case_dir, "--out", tmp_path / "a", "--ensemble", 3, "--steps", 2,
+                   "--quiet") == 0
+    assert planned == [] and received == [None]
+    assert run_cli("--model", "m.pt", "--input", case_dir, "--out", tmp_path / "b", "--ensemble", 3, "--steps", 2,
+                   "--quiet", "--memory-budget", "8GB") == 0
+    assert len(planned) == 1 and planned[0][0] == "8GB" and planned[0][3] == 3 and received[-1] == "the plan"

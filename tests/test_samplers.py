@@ -204,7 +204,7 @@ def test_member_batch_choice():
 
 def test_planner_picks_the_largest_member_batch_that_fits():
     from patchddm_fast.analysis import fits_budget, plan, simulate
-    from patchddm_fast.analysis.planner import max_sample_batch, planner_arch
+    from patchddm_fast.analysis.planner import execution_plan, max_sample_batch, planner_arch
 
     net = UNet3D.from_method("patchddm", base_width=8, channel_mult=(1, 2, 2), groups=4)
     arch = planner_arch(net.config)
@@ -222,4 +222,6 @@ def test_planner_picks_the_largest_member_batch_that_fits():
     tight = plan((two + three) // 2, preset="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
     assert tight.fits and tight.settings == roomy.settings
     assert max_sample_batch(tight, net, "patchddm", 32, 5) == 2
-    assert member_batch_for(5, plan=tight, model=net, method="patchddm", size=32) == 2
+    planned = execution_plan(tight, member_batch=max_sample_batch(tight, net, "patchddm", 32, 5))
+    assert member_batch_for(5, plan=planned) == 2
+    assert member_batch_for(1, plan=planned) == 1 and member_batch_for(5, plan=planned, requested=3) == 3

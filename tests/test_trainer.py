@@ -130,7 +130,7 @@ def test_resume_after_a_crash_follows_the_cosine_schedule_exactly(tmp_path):
 def test_learning_rate_schedules_in_closed_form():
     import math
 
-    from patchddm_fast.training.trainer import learning_rate
+    from patchddm_fast.training.schedule import learning_rate
 
     assert [learning_rate(1.0, s, 10) for s in range(10)] == [1.0] * 10
     assert [learning_rate(1.0, s, 10, "constant", warmup=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
@@ -155,3 +155,70 @@ def test_every_checkpoint_stores_the_effective_preprocessing(tmp_path):
             val_cases=[]).fit()
     _, config = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
     assert config["preprocess"] == PreprocessConfig(multiple=4, upper_percentile=99.0).to_dict()
+
+
+def test_lr_schedule_sets_the_closed_form_lr_of_every_step_and_resumes_exactly(tmp_path):
+    """The LRScheduler sets, before each optimiser step k, exactly learning_rate(lr, k, ...) (the
+    value the trainer used to write on the param groups by hand); its position is in the
+    checkpoint, and a resume with a new --lr continues the schedule with the new base."""
+    from patchddm_fast.training.schedule import learning_rate
+
+    cases = random_cases(2)
+    kw = dict(lr_schedule="cosine", warmup_steps=2, steps=6, ckpt_every=3)
+
+    def run(trainer):
+        seen = []
+        trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+        trainer.fit()
+        return seen
+
+    full = run(Trainer(tiny_config(tmp_path / "a", **kw), train_cases=cases, val_cases=[]))
+    assert full == [learning_rate(1e-3, k, 6, "cosine", 2) for k in range(6)]  # bit for bit
+    assert full[:3] == [0.0005, 0.001, 0.001] and full[-1] == 0.0
+    run(Trainer(tiny_config(tmp_path / "b", **dict(kw, steps=3)), train_cases=cases, val_cases=[]))
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["schedule"] == dict(last_epoch=3)
+    resumed = run(Trainer(tiny_config(tmp_path / "b", **kw), train_cases=cases, val_cases=[]))
+    assert resumed == full[3:]
+    lower = run(Trainer(tiny_config(tmp_path / "b", **dict(kw, steps=7, lr=1e-4)), train_cases=cases, val_cases=[]))
+    assert lower == [learning_rate(1e-4, 6, 7, "cosine", 2)]
+
+
+def test_the_trainer_and_the_simulator_run_the_one_train_step(tmp_path, monkeypatch):
+    """diffusion.steps.train_step is the only training step: the Trainer and the memory
+    simulator both call that function object, and gradient clipping and the lr schedule
+    are part of it (the Trainer passes its own)."""
+    from patchddm_fast.analysis import simulate
+    from patchddm_fast.diffusion import steps
+    from patchddm_fast.training.schedule import StepSchedule
+
+    calls = []
+    real = steps.train_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "train_step", spy)
+    trainer = Trainer(tiny_config(tmp_path, steps=1, ckpt_every=0, grad_clip=0.5), train_cases=random_cases(1),
+                      val_cases=[])
+    trainer.fit()
+    assert len(calls) == 1 and calls[0]["grad_clip"] == 0.5 and calls[0]["schedule"] is trainer.schedule
+    simulate("patchddm", "train", size=8, steps=1, model_kwargs=dict(TINY_MODEL, base_width=4, groups=2))
+    assert len(calls) == 2  # the simulator's step is the same function
+
+    # Clipping and the schedule's advance happen inside the one step.
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(2, 1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = StepSchedule(optimizer, 1.0, 4, "constant", warmup=2)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+    class Loss:
+        def training_loss(self, net, cond, x0, t, noise, build_input):
+            return (net(build_input(cond, x0)) * 1e3).pow(2).mean()
+
+    inputs = dict(cond=torch.randn(1, 1, 2, 2, 2), x0=torch.randn(1, 1, 2, 2, 2), t=torch.zeros(1), noise=None)
+    real(model, Loss(), optimizer, trainer.precision, inputs, grad_clip=0.25, schedule=schedule)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert float(norm) == pytest.approx(0.25, rel=1e-5)
+    assert schedule.last_epoch == 1 and optimizer.param_groups[0]["lr"] == 1.0

@@ -6,15 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+from patchddm_fast.core.units import fmt_bytes
+
 GB = 1e9  # reports use decimal gigabytes (1 GB = 10^9 bytes), the stricter reading of "8GB"
-
-
-def fmt_bytes(n: float) -> str:
-    """Human-readable decimal units (B, kB, MB, GB)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass

@@ -17,20 +17,23 @@ offloaded (prefetch hides the transfers) < tiled < tiled with skips offloaded.  
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from patchddm_fast.model.method import get_method
+import torch
+
 from patchddm_fast.analysis import allocator
-from patchddm_fast.analysis.memory_report import MemoryReport, fmt_bytes
-from patchddm_fast.analysis.simulate import DEFAULT_SIZES, simulate
+from patchddm_fast.analysis.memory_report import MemoryReport
+from patchddm_fast.analysis.simulate import PAPER_SIZES, simulate
+from patchddm_fast.config import TrainConfig
+from patchddm_fast.core.units import fmt_bytes, parse_bytes
+from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
+from patchddm_fast.model.method import get_method
+from patchddm_fast.sampling.segment import network_grid
+from patchddm_fast.training.checkpoint import build_model
 
 DEFAULT_HEADROOM = 0.05
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 # (checkpoint, offload, a-priori relative cost) for training; (offload, tiled, cost) for sampling.
 TRAIN_CANDIDATES: Tuple[Tuple[str, str, float], ...] = (
@@ -39,21 +42,6 @@ TRAIN_CANDIDATES: Tuple[Tuple[str, str, float], ...] = (
 SAMPLE_CANDIDATES: Tuple[Tuple[str, bool, float], ...] = (
     ("none", False, 1.00), ("skips", False, 1.10), ("none", True, 1.30), ("skips", True, 1.40))
 PATCH_SIZES = (128, 64)
-
-
-def parse_bytes(value: Union[str, int, float]) -> int:
-    """'8GB' -> 8e9, '8GiB' -> 8*2^30, '512MB', 1e9 -> bytes.  GB is decimal (10^9)."""
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"memory size must be positive, got {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read memory size {value!r}; write e.g. 8GB, 8GiB or 512MB")
-    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if n <= 0:
-        raise ValueError(f"memory size must be positive, got {value!r}")
-    return int(n)
 
 
 @dataclass
@@ -136,12 +124,12 @@ def fits_budget(report: MemoryReport, gpu_memory: int, headroom: float = DEFAULT
 def _candidates(preset: str, mode: str, size: Optional[int], patch_sizes: Sequence[int]):
     if mode == "train":
         sizes = [size] if size else ([p for p in patch_sizes] if get_method(preset).patches
-                                     else [DEFAULT_SIZES[(preset, "train")]])
+                                     else [PAPER_SIZES[(preset, "train")]])
         for s in sizes:
             for ckpt, off, cost in TRAIN_CANDIDATES:
                 yield s, dict(checkpoint=ckpt, offload=off, tiled=False), cost
     else:
-        s = size or DEFAULT_SIZES[(preset, "sample")]
+        s = size or PAPER_SIZES[(preset, "sample")]
         for off, tiled, cost in SAMPLE_CANDIDATES:
             yield s, dict(checkpoint="none", offload=off, tiled=tiled), cost
 
@@ -194,8 +182,6 @@ def oom_advice(exc: BaseException, preset: str, mode: str, gpu_memory: Union[str
     ``gpu_memory`` defaults to the current CUDA device's total memory.
     """
     if gpu_memory is None:
-        import torch
-
         if not torch.cuda.is_available():
             return f"{exc}\nOut of memory; run `patchddm plan --gpu-memory <size> --preset {preset} --mode {mode}`."
         gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -225,32 +211,6 @@ def region_channels(method: str, target: str) -> Dict[str, int]:
     return get_method(method).network_channels(target)
 
 
-@contextlib.contextmanager
-def planned_inference(model: Any, gpu_memory: Union[str, int, float], method: str, size: int) -> Iterator[Tuple[Plan, Any]]:
-    """Run a UNet3D's inference with the settings the planner picks for ``gpu_memory``.
-
-    Plans one network evaluation of ``model``'s own architecture on a cubic input of edge
-    ``size``, installs the chosen ops and offload/tiling on the model for the duration of
-    the block (restoring them afterwards) and yields ``(plan, precision)``, the chosen
-    :class:`~patchddm_fast.model.execution.precision.Precision` (its ``autocast()`` wraps each evaluation;
-    the simulator holds the conditioning in its ``dtype``, so the caller should too).
-    Raises ``RuntimeError`` with the planner's explanation when nothing fits.
-    """
-    from patchddm_fast.model.execution.precision import resolve_precision
-
-    p = plan(gpu_memory, preset=method, mode="sample", size=size, model_kwargs=planner_arch(model.config))
-    if not p.fits:
-        raise RuntimeError(p.format_text())
-    device = next(model.parameters()).device
-    old_policy = model.policy
-    model.apply_policy(dataclasses.replace(old_policy, ops=p.settings["ops"], offload=p.settings["offload"],
-                                           tiled=p.settings["tiled"]))
-    try:
-        yield p, resolve_precision(p.settings["precision"], device)
-    finally:
-        model.apply_policy(old_policy)
-
-
 def max_sample_batch(p: Plan, model: Any, method: str, size: int, limit: int) -> int:
     """The largest number of ensemble members (at most ``limit``) whose batched network
     evaluation, simulated with ``p``'s settings for ``model``'s architecture, still fits
@@ -274,3 +234,41 @@ def max_sample_batch(p: Plan, model: Any, method: str, size: int, limit: int) ->
         else:
             hi = mid - 1
     return lo
+
+
+def execution_plan(p: Plan, member_batch: Optional[int] = None) -> ExecutionPlan:
+    """What the trainer or the sampler receives for a plan that fits."""
+    s = p.settings
+    policy = ExecutionPolicy(ops=s["ops"], recompute=s["checkpoint"], offload=s["offload"], tiled=bool(s["tiled"]))
+    return ExecutionPlan(policy=policy, precision=s["precision"], patch_size=s.get("patch_size"),
+                         member_batch=member_batch, predicted_process_bytes=p.predicted_process_bytes)
+
+
+def plan_training(config: TrainConfig, ddp: bool = False) -> ExecutionPlan:
+    """The plan for ``config.memory_budget``: recompute, offload, precision and patch size
+    (the configured patch, then half of it, among sizes the network accepts).  ``ddp``:
+    per rank under DistributedDataParallel.  Raises ``RuntimeError`` with the planner's
+    explanation when nothing fits."""
+    arch = planner_arch(config.model, config.method, config.target)
+    with torch.device("meta"):  # the network's size multiple, without weights
+        multiple = build_model(config.to_dict()).size_multiple
+    patch_sizes = tuple(s for s in (config.patch_size, config.patch_size // 2) if s >= multiple and s % multiple == 0)
+    p = plan(config.memory_budget, preset=config.method, mode="train", precision=config.precision,
+             patch_sizes=patch_sizes, model_kwargs=arch, ddp=ddp)
+    if not p.fits:
+        raise RuntimeError(p.format_text())
+    return execution_plan(p)
+
+
+def plan_sampling(model: Any, gpu_memory: Union[str, int, float], method: str, image_shape: Sequence[int],
+                  ensemble: int = 1) -> ExecutionPlan:
+    """The plan for sampling an image of spatial shape ``image_shape`` with ``model`` (its own
+    architecture) within ``gpu_memory``: ops, skip offload, tiling and precision for one network
+    evaluation on the grid :func:`~patchddm_fast.sampling.segment.segment_volume` feeds it, and
+    the largest number of ensemble members (at most ``ensemble``) that fit as one batch.
+    Raises ``RuntimeError`` with the planner's explanation when nothing fits."""
+    size = max(network_grid(image_shape, model, method))
+    p = plan(gpu_memory, preset=method, mode="sample", size=size, model_kwargs=planner_arch(model.config))
+    if not p.fits:
+        raise RuntimeError(p.format_text())
+    return execution_plan(p, member_batch=max_sample_batch(p, model, method, size, ensemble))

@@ -1,7 +1,7 @@
 """Measure real GPU memory of the simulator's workloads: NVML timeline + allocator peaks.
 
 Used by ``patchddm profile`` and the GPU benchmark.  :func:`measure` runs N training steps
-or one DDIM pass of the exact workload :mod:`.workload` defines, on random data, while
+or one DDIM pass of the exact workload :mod:`patchddm_fast.diffusion.steps` defines, on random data, while
 :class:`NvmlSampler` samples the process's device memory in a thread.
 """
 from __future__ import annotations
@@ -13,6 +13,13 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+from patchddm_fast.analysis.simulate import PAPER_SIZES, recipe_settings
+from patchddm_fast.diffusion import steps as workload
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.model.execution.policy import ExecutionPolicy
+from patchddm_fast.model.execution.precision import resolve_precision
+from patchddm_fast.model.unet import UNet3D
 
 
 class NvmlSampler(threading.Thread):
@@ -63,18 +70,13 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     ``overrides`` are the simulator's settings (precision, checkpoint, offload, ops, tiled);
     precision "auto"/unset resolves for this GPU (bf16 on Ampere+).
     """
-    from patchddm_fast.model.execution.policy import ExecutionPolicy
-    from patchddm_fast.analysis.simulate import DEFAULT_SIZES, recipe_settings
-    from patchddm_fast.model.unet import UNet3D
-    from patchddm_fast.model.execution.precision import resolve_precision
-
     if not torch.cuda.is_available():
         raise RuntimeError("measuring GPU memory needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device())
     asked = overrides.get("precision")
     s = recipe_settings(recipe, mode, **{k: v for k, v in overrides.items() if k != "precision"})
     precision = resolve_precision(asked or ("auto" if recipe == "engine" else s.precision), device)
-    size = size or DEFAULT_SIZES[(preset, mode)]
+    size = size or PAPER_SIZES[(preset, mode)]
     torch.cuda.init()
     sampler = NvmlSampler(device.index, interval_s)
     before = sampler.read()
@@ -110,28 +112,25 @@ def _sync(device: torch.device) -> None:
 def _run_workload(mode: str, model, precision, s, cin: int, size: int, batch: int, steps: int, sampling_steps: int,
                   device: torch.device, gen: torch.Generator, times: List[float]) -> None:
     """``steps`` training steps, or one DDIM pass of ``sampling_steps`` evaluations; appends per-iteration times."""
-    from patchddm_fast.diffusion.schedule import Diffusion
-    from patchddm_fast.diffusion.steps import eval_inputs, network_eval, train_inputs, train_step
-
     diffusion = Diffusion()
     if mode == "train":
-        inputs = train_inputs(cin, size, batch, device=device, generator=gen)
+        inputs = workload.train_inputs(cin, size, batch, device=device, generator=gen)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
         model.train()
         for _ in range(steps):
             start = time.perf_counter()
-            train_step(model, diffusion, optimizer, precision, inputs)
+            workload.train_step(model, diffusion, optimizer, precision, inputs)
             _sync(device)
             times.append(time.perf_counter() - start)
         return
     cond_dtype = precision.dtype if s.input_dtype == "compute" else torch.float32
-    inputs = eval_inputs(cin, size, batch, device=device, cond_dtype=cond_dtype, generator=gen)
+    inputs = workload.eval_inputs(cin, size, batch, device=device, cond_dtype=cond_dtype, generator=gen)
     model.eval()
     cond = inputs["cond"]
 
     def eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        out = network_eval(model, precision, dict(cond=cond, x_t=x_t, t=t))
+        out = workload.network_eval(model, dict(cond=cond, x_t=x_t, t=t), autocast=precision.autocast())
         _sync(device)
         times.append(time.perf_counter() - start)
         return out

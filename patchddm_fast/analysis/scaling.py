@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from patchddm_fast.analysis.simulate import DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES
+from patchddm_fast.model.unet import UNet3D
 
 PAPER_STEP_SECONDS = 0.340  # PAPER.md resource table: PatchDDM training, A100 80 GB, 128^3, batch 1
 BACKWARD_FRACTION = 2.0 / 3.0  # backward = 2x the forward's FLOPs (input and weight gradients)
@@ -76,8 +77,6 @@ def backward_profile(preset: str = "patchddm", size: int = 128,
 
     Traced on the meta device (no memory, no data); a module's share is its FLOPs
     (2 x MACs of its convolution / linear layer) over the network's."""
-    from patchddm_fast.model.unet import UNet3D
-
     with torch.device("meta"):
         model = UNet3D.from_method(preset, ops="reference", **(model_kwargs or {}))
     order: List[Tuple[torch.nn.Module, float]] = []

@@ -41,15 +41,25 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from patchddm_fast.analysis import allocator
 from patchddm_fast.analysis.memory_report import MemoryReport
 from patchddm_fast.analysis.tracker import (ACTIVATIONS, GRADIENTS, INPUTS, OPTIMIZER, WEIGHT_COPIES, WEIGHTS,
-                                          MemoryTracker)
+                                            MemoryTracker)
+from patchddm_fast.diffusion import steps as workload
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.model.backend import check_backend
+from patchddm_fast.model.execution.offload import OFFLOAD_MODES, SimulatedHostStore
+from patchddm_fast.model.execution.precision import NoScaler, Precision
+from patchddm_fast.model.execution.policy import ExecutionPolicy
+from patchddm_fast.model.method import METHODS
+from patchddm_fast.model.unet import RECOMPUTE_MODES, UNet3D
 
 MODES = ("train", "sample")
 RECIPES = ("engine", "paper")
-DEFAULT_SIZES = {("patchddm", "train"): 128, ("patchddm", "sample"): 256, ("fullres", "train"): 256,
+# The paper's input edges per (method, mode) (PAPER.md): the default of every simulation.
+PAPER_SIZES = {("patchddm", "train"): 128, ("patchddm", "sample"): 256, ("fullres", "train"): 256,
                  ("fullres", "sample"): 256, ("halfres", "train"): 128, ("halfres", "sample"): 128}
 ENGINE_TRAIN_CHECKPOINT = "block"
 
@@ -125,11 +135,6 @@ class _SimScaler:
 
 
 def _check(preset: str, mode: str, size: int, settings: Settings, batch: int) -> None:
-    from patchddm_fast.model.execution.offload import OFFLOAD_MODES
-    from patchddm_fast.model.backend import check_backend
-    from patchddm_fast.model.method import METHODS
-    from patchddm_fast.model.unet import RECOMPUTE_MODES
-
     if preset not in METHODS:
         raise ValueError(f"preset (method) must be one of {METHODS}, got {preset!r}")
     if settings.precision not in ("fp32", "fp16", "bf16"):
@@ -220,7 +225,7 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
         settings = dataclasses.replace(settings, ops="reference")
         warnings.warn("patchddm_fast.kernels is not importable: simulating the engine with reference ops")
     if size is None:
-        size = DEFAULT_SIZES.get((preset, mode), 0)
+        size = PAPER_SIZES.get((preset, mode), 0)
     _check(preset, mode, size, settings, batch)
     if mode == "train" and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -235,15 +240,6 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
 
 def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: Settings, steps: int,
          warm_start: bool, model_kwargs: Dict[str, Any], ddp: bool = False) -> MemoryReport:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from patchddm_fast.diffusion.schedule import Diffusion
-    from patchddm_fast.model.execution.offload import SimulatedHostStore
-    from patchddm_fast.model.execution.policy import ExecutionPolicy
-    from patchddm_fast.diffusion.steps import eval_inputs, network_eval, train_inputs, train_step
-    from patchddm_fast.model.unet import UNet3D
-    from patchddm_fast.model.execution.precision import NoScaler, Precision
-
     started = time.perf_counter()
     precision = Precision(settings.precision, torch.device("cpu"), NoScaler())
     diffusion = Diffusion()
@@ -280,7 +276,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
         totals = {WEIGHTS: sum(p.numel() * p.element_size() for p in model.parameters()), GRADIENTS: 0, OPTIMIZER: 0}
         try:
             if mode == "train":
-                inputs = train_inputs(cin, size, batch, mask_channels=cmask)
+                inputs = workload.train_inputs(cin, size, batch, mask_channels=cmask)
                 tracker.register(inputs.values(), INPUTS)
                 scaler = _SimScaler(settings.precision == "fp16")
                 scaler.on_step = lambda: grad_sids.update(
@@ -296,7 +292,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
                                       if isinstance(v, torch.Tensor) and v.dim() > 0], OPTIMIZER)
                 with tracker:
                     for _ in range(steps):
-                        train_step(model, diffusion, optimizer, precision, inputs, scaler=scaler,
+                        workload.train_step(model, diffusion, optimizer, precision, inputs, scaler=scaler,
                                    autocast_device="cpu", phase=tracker.in_phase)
                         state = [v for st in optimizer.state.values() for v in st.values()
                                  if isinstance(v, torch.Tensor) and v.dim() > 0]
@@ -305,11 +301,11 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
                                         if p.grad is not None)
                 totals[OPTIMIZER] = sum(v.numel() * v.element_size() for v in state)
             else:
-                inputs = eval_inputs(cin, size, batch, cond_dtype=in_dtype, mask_channels=cmask)
+                inputs = workload.eval_inputs(cin, size, batch, cond_dtype=in_dtype, mask_channels=cmask)
                 tracker.register(inputs.values(), INPUTS)
                 model.eval()
                 with tracker:
-                    network_eval(model, precision, inputs, autocast_device="cpu", phase=tracker.in_phase)
+                    workload.network_eval(model, inputs, autocast=precision.autocast("cpu"), phase=tracker.in_phase)
         finally:
             for h in hooks:
                 h.remove()

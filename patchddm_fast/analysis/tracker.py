@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -32,6 +31,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 aten = torch.ops.aten
@@ -49,13 +49,6 @@ class StorageRecord:
     host: bool
     category: Optional[str]  # None: decided after the run (gradient/optimizer state/activation)
     where: str               # module path (or autograd node) that allocated it
-
-
-def conv_flops(x_shape: Tuple[int, ...], w_shape: Tuple[int, ...], out_shape: Tuple[int, ...], groups: int) -> int:
-    """Multiply-add FLOPs (2 per MAC) of a convolution's forward."""
-    cin_per_group = w_shape[1]
-    kernel = math.prod(w_shape[2:])
-    return 2 * math.prod(out_shape) * cin_per_group * kernel
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -199,14 +192,15 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        # Convolution FLOPs by torch.utils.flop_counter's formulas (2 per multiply-add; backward:
+        # grad input and grad weight as output_mask asks).  Not FlopCounterMode itself: it counts
+        # per module, and the split needed here is per phase -- a forward convolution running
+        # during backward is activation recompute -- which only this mode's phase knows.
         if func is aten.convolution.default:
-            flops = conv_flops(tuple(args[0].shape), tuple(args[1].shape), tuple(out.shape), args[8])
+            flops = flop_registry[aten.convolution](*args, out_val=out)
             self.flops["recompute" if self.phase == "backward" else "forward"] += flops
         elif func is aten.convolution_backward.default:
-            grad_out, x, w = args[0], args[1], args[2]
-            flops = conv_flops(tuple(x.shape), tuple(w.shape), tuple(grad_out.shape), args[9])
-            mask = args[10]
-            self.flops["backward"] += flops * (int(bool(mask[0])) + int(bool(mask[1])))
+            self.flops["backward"] += flop_registry[aten.convolution_backward](*args, out_val=out)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if func in _HOST_CONSTANTS:
             # torch.tensor(python data) without a device: a CPU tensor on a GPU run too (e.g.

@@ -79,18 +79,18 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
     an ensemble; returns the metrics (also written to ``out/metrics.json``) with timings.
 
     The one training-and-scoring path of the demo and of ``benchmarks/ablation.py``."""
-    from patchddm_fast.core.files import atomic_write_text
-    from patchddm_fast.config import TrainConfig
-    from patchddm_fast.training.sources import load_cases
     from patchddm_fast.cli.showcase import evaluate_cases
+    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.core.files import atomic_write_text
+    from patchddm_fast.training.checkpoint import data_multiple
+    from patchddm_fast.training.sources import load_cases
     from patchddm_fast.training.trainer import Trainer
-    from patchddm_fast.model.method import get_method, network_multiple
 
     out = Path(out)
     config = dict(config, out_dir=str(out / "run"), progress=progress)
     t0 = time.perf_counter()
-    size_multiple = get_method(config["method"]).size_multiple(network_multiple(config["model"]["channel_mult"]))
-    train_cases, val_cases = load_cases(TrainConfig.from_dict(config), size_multiple)
+    resolved = TrainConfig.from_dict(config)
+    train_cases, val_cases = load_cases(resolved, data_multiple(resolved.to_dict()))
     # The held-out cases are scored once, below, with the ensemble (not also by fit's validation).
     trainer = Trainer(config, train_cases=train_cases, val_cases=[])
     trainer.fit()
@@ -106,6 +106,7 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
 
 
 def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.cli.sample import planner_advice_on_oom
     from patchddm_fast.cli.showcase import format_table
 
     out = Path(args.out)
@@ -114,10 +115,11 @@ def run(args: argparse.Namespace) -> int:
                   patch_distribution=getattr(args, "patch_distribution", DEMO_CONFIG["patch_distribution"]))
     if args.target == "regions":  # multifocal cases (2-3 separate lesions), so lesion-wise scores mean something
         config["phantom_options"] = dict(multifocal=REGION_DEMO_MULTIFOCAL)
-    metrics = train_and_evaluate(config, out, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
-                                 sampling_seed=args.seed, progress=not args.quiet, memory_budget=args.memory_budget,
-                                 eta=args.eta, threshold=args.threshold, sampler=args.sampler,
-                                 member_batch=args.member_batch)
+    with planner_advice_on_oom(config["method"], "train"):
+        metrics = train_and_evaluate(config, out, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
+                                     sampling_seed=args.seed, progress=not args.quiet,
+                                     memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
+                                     sampler=args.sampler, member_batch=args.member_batch)
     print(format_table(metrics))
     print(f"trained {metrics['trained_steps']} steps in {metrics['timing_s']['train']:.0f} s; total "
           f"{metrics['timing_s']['total']:.0f} s; results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")

@@ -44,7 +44,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from patchddm_fast.cli.sample import add_memory_budget_flag, add_sampler_flags
     from patchddm_fast.core.validation import float_in, int_at_least
     from patchddm_fast.data.layouts import LAYOUTS
-    from patchddm_fast.core.validation import float_in, int_at_least
 
     p = sub.add_parser(
         "predict", help="segment NIfTI cases (case folder, dataset folder or files) with a checkpoint",
@@ -155,13 +154,17 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
 
     if segment_fn is None:
         from patchddm_fast.sampling.segment import segment_volume as segment_fn
+    from patchddm_fast.analysis.planner import plan_sampling
     start = time.perf_counter()
     loaded = load_case(case, load_label=False, expect_channels=image_channels)
     prep = preprocess_case(loaded, pre, already_normalised)
     image = torch.from_numpy(prep.image).to(device)
+    # With --memory-budget the planner picks how this case's grid is sampled (members per batch too).
+    plan = (plan_sampling(model, memory_budget, method, image.shape, ensemble if member_batch is None else 1)
+            if memory_budget else None)
     res = segment_fn(model, diffusion, image, method=method, ensemble=ensemble, steps=steps, seed=seed,
                      threshold=threshold, progress=progress, desc=case.case_id,
-                     **({"memory_budget": memory_budget} if memory_budget else {}),
+                     **({"plan": plan} if plan is not None else {}),
                      **({"sampler": sampler} if sampler != "ddim" else {}),
                      **({"member_batch": member_batch} if member_batch is not None else {}))
     if not write:
@@ -216,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctx, device: str) -> int:
+    from patchddm_fast.cli.sample import planner_advice_on_oom
     from patchddm_fast.training import distributed
     from patchddm_fast.core.files import atomic_write_text
     from patchddm_fast.training.checkpoint import load_for_inference
@@ -260,13 +264,14 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
     t0 = time.perf_counter()
     for i, case in enumerate(mine, start=1):
         try:
-            rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
-                               seed=args.seed, threshold=args.threshold, already_normalised=normalised,
-                               image_channels=int(cfg.get("image_channels", 4)), device=device,
-                               progress=not quiet, figures=args.figures, memory_budget=args.memory_budget,
-                               segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble,
-                               sampler=args.sampler, member_batch=args.member_batch,
-                               convention=cfg.get("label_convention"))
+            with planner_advice_on_oom(method, "sample"):
+                rec = predict_case(model, diffusion, method, case, out, pre, ensemble=args.ensemble, steps=args.steps,
+                                   seed=args.seed, threshold=args.threshold, already_normalised=normalised,
+                                   image_channels=int(cfg.get("image_channels", 4)), device=device,
+                                   progress=not quiet, figures=args.figures, memory_budget=args.memory_budget,
+                                   segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble,
+                                   sampler=args.sampler, member_batch=args.member_batch,
+                                   convention=cfg.get("label_convention"))
         except NonFiniteSampleError as exc:
             raise NonFiniteSampleError(f"{args.model}: {exc}") from None
         local.append(rec)

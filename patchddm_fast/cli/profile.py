@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return NO_GPU_EXIT
     from patchddm_fast.analysis import simulate
     from patchddm_fast.analysis.profiling import measure
-    from patchddm_fast.analysis.memory_report import fmt_bytes
+    from patchddm_fast.core.units import fmt_bytes
 
     m = measure(args.preset, args.mode, size=args.size, recipe=args.recipe, batch=args.batch, steps=args.steps,
                 sampling_steps=args.sampling_steps, interval_s=args.interval_ms / 1000.0, precision=args.precision,

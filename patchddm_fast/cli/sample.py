@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from patchddm_fast.core.validation import float_in, int_at_least
 
@@ -36,6 +40,23 @@ def add_memory_budget_flag(p: argparse.ArgumentParser) -> None:
                    help="GPU memory to stay within, e.g. 8GB: the planner picks precision, skip offload and tiling")
 
 
+@contextlib.contextmanager
+def planner_advice_on_oom(method: str, mode: str) -> Iterator[None]:
+    """Raise a CUDA out-of-memory error inside the block as a RuntimeError holding the memory
+    planner's advice (train, sample, predict, demo): for the grid the sampler ran out on
+    (:class:`SamplingOutOfMemoryError` names it), else for ``mode``.  The trainer and the
+    sampler never call the planner; the commands do."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        from patchddm_fast.analysis.planner import oom_advice  # the simulator loads only when advice is needed
+        from patchddm_fast.sampling.segment import SamplingOutOfMemoryError
+
+        if isinstance(exc, SamplingOutOfMemoryError):
+            raise RuntimeError(oom_advice(exc, preset=exc.method, mode="sample", size=exc.size)) from exc
+        raise RuntimeError(oom_advice(exc, preset=method, mode=mode)) from exc
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample", help="sample whole held-out volumes from a checkpoint and score them",
@@ -54,24 +75,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchddm_fast.training.checkpoint import load_for_inference
-    from patchddm_fast.config import TrainConfig
-    from patchddm_fast.training.sources import load_cases
     from patchddm_fast.cli.showcase import evaluate_cases, format_table
-    from patchddm_fast.model.method import get_method
-
-    from patchddm_fast.training.trainer import resolve_device
+    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.core.devices import resolve_device
+    from patchddm_fast.training.checkpoint import data_multiple, load_for_inference
+    from patchddm_fast.training.sources import load_cases
 
     model, diffusion, cfg_dict = load_for_inference(args.model, device=resolve_device(args.device))
     config = TrainConfig.from_dict(cfg_dict, source=f"checkpoint {args.model}")
     if args.cases is not None:
         config.phantom_val = args.cases
-    multiple = get_method(config.method).size_multiple(model.size_multiple)
-    _, val_cases = load_cases(config, multiple)
-    metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
-                             steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
-                             memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
-                             overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch,
-                             convention=config.label_convention)
+    _, val_cases = load_cases(config, data_multiple(config.to_dict()))
+    with planner_advice_on_oom(config.method, "sample"):
+        metrics = evaluate_cases(model, diffusion, config.method, val_cases, Path(args.out), ensemble=args.ensemble,
+                                 steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
+                                 memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
+                                 overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch,
+                                 convention=config.label_convention)
     print(format_table(metrics))
     return 0

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from patchddm_fast.analysis.planner import plan_sampling
 from patchddm_fast.core.files import atomic_write_text
 from patchddm_fast.core.safe_paths import check_case_id, check_targets, confined, output_folder
 from patchddm_fast.data.layouts import MODALITIES
@@ -54,9 +55,11 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
     for case in cases:
         image, label = read_whole(case, binary=False)
         started = time.perf_counter()
+        plan = (plan_sampling(model, memory_budget, method, image.shape, ensemble if member_batch is None else 1)
+                if memory_budget else None)
         res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
                              seed=seed, progress=progress, desc=case.case_id, keep_samples=True,
-                             memory_budget=memory_budget, eta=eta, threshold=threshold, sampler=sampler,
+                             plan=plan, eta=eta, threshold=threshold, sampler=sampler,
                              member_batch=member_batch)
         sampling_s = time.perf_counter() - started
         mask, mean, var, labels = res.mask.numpy(), res.mean.numpy(), res.var.numpy(), label.numpy()

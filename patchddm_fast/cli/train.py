@@ -106,6 +106,8 @@ def launch_torchrun(config: TrainConfig, nproc: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from patchddm_fast.analysis.planner import plan_training
+    from patchddm_fast.cli.sample import planner_advice_on_oom
     from patchddm_fast.training import distributed
     from patchddm_fast.training.trainer import Trainer
 
@@ -117,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--nproc launches torchrun itself; under torchrun leave it out")
         if args.nproc > 1:
             return launch_torchrun(config, args.nproc)
-    trainer = Trainer(config)
-    history = trainer.fit()
+    # With --memory-budget the planner picks recompute/offload/precision/patch size (per rank under torchrun).
+    plan = plan_training(config, ddp=distributed.env_world_size() > 1) if config.memory_budget else None
+    with planner_advice_on_oom(config.method, "train"):
+        trainer = Trainer(config, plan=plan)
+        history = trainer.fit()
     if trainer.dist.is_main:
         print(json.dumps(dict(step=trainer.step, last_loss=history["losses"][-1] if history["losses"] else None,
                               validations=history["validations"][-1:], checkpoint=history["checkpoint"],

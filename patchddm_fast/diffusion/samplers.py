@@ -26,6 +26,8 @@ from typing import Callable, Iterator, List, Optional
 import numpy as np
 import torch
 
+from patchddm_fast.diffusion.schedule import NetworkFn
+
 SAMPLERS = ("ddim", "dpmpp2m", "heun")
 DEFAULT_SAMPLER = "ddim"  # the paper's
 
@@ -61,7 +63,7 @@ def solver_timesteps(timesteps: int, steps: int) -> List[int]:
     return [int(v) for v in np.round(np.linspace(timesteps - 1, 0, steps + 1))]
 
 
-def denoiser(diffusion, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Denoiser:
+def denoiser(diffusion, model_fn: NetworkFn) -> Denoiser:
     """x0 estimate of a network (output read as the diffusion's prediction type), clamped to
     [-1, 1] when the diffusion clamps x0 -- the same x0 DDIM steps with."""
 
@@ -123,7 +125,7 @@ def heun_loop(denoise: Denoiser, alphas_cumprod: torch.Tensor, x: torch.Tensor, 
         yield y * sq[i + 1]
 
 
-def sample_loop(diffusion, sampler: str, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def sample_loop(diffusion, sampler: str, model_fn: NetworkFn,
                 noise: torch.Tensor, steps: int, *, eta: float = 0.0,
                 generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Run ``sampler`` from ``noise`` with the network ``model_fn``; yields x after each

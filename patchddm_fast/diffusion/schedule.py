@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# model_fn(x_t, t) -> the network output (the predicted noise for the paper's eps-prediction); x_t (N, 1, D, H, W), t (N,) long.
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The network as a function: model_fn(x_t, t) -> its output, which is eps, v or x0 as
+# Diffusion.prediction says (eps for the paper); x_t (N, 1 or 3, D, H, W), t (N,) long.
+NetworkFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = ("eps", "v", "x0")
 
 
@@ -72,16 +73,17 @@ class Diffusion:
     def training_loss(
         self,
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        image: torch.Tensor,
+        cond: torch.Tensor,
         mask: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
         build_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Plain MSE between the network's output and its target on the mask channel (in fp32):
-        the noise for eps-prediction (the paper), v or x0 otherwise (:meth:`target`)."""
+        the noise for eps-prediction (the paper), v or x0 otherwise (:meth:`target`).
+        ``cond``: the conditioning channels; ``build_input(cond, x_t)`` is the network input."""
         x_t = self.q_sample(mask, t, noise)
-        out = model(build_input(image, x_t), t)
+        out = model(build_input(cond, x_t), t)
         return F.mse_loss(out.float(), self.target(mask, t, noise).float())
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,7 @@ class Diffusion:
 
     def ddim_loop(
         self,
-        model_fn: EpsModel,
+        model_fn: NetworkFn,
         shape: Tuple[int, ...],
         steps: int,
         eta: float = 0.0,
@@ -168,9 +170,3 @@ class Diffusion:
             out = model_fn(x, torch.full((shape[0],), t, dtype=torch.long, device=x.device))
             x, x0 = self.ddim_step(x, t, t_prev, out.to(x.dtype), eta=eta, generator=generator)
             yield t, x, x0
-
-    def ddim_sample(self, model_fn: EpsModel, shape, steps: int, **kwargs) -> torch.Tensor:
-        x = None
-        for _, x, _ in self.ddim_loop(model_fn, shape, steps, **kwargs):
-            pass
-        return x

@@ -6,27 +6,45 @@ ensemble draws N samples from different initial noise; their mean is the predict
 (thresholded at 0.5) and their variance the uncertainty map.  Padding to the network's
 size multiple and HalfRes decimation happen here and are undone before returning, so the
 result is on the grid the caller passed in.
+
+Every network evaluation is :func:`patchddm_fast.diffusion.steps.network_eval`.  How the
+network runs (ops, skip offload, tiling, precision, members per batch) comes from the
+:class:`~patchddm_fast.model.execution.policy.ExecutionPlan` the caller passes; the sampler
+never plans (the CLI asks the planner when ``--memory-budget`` is given).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from patchddm_fast.model.conditioning import condition, network_input
-from patchddm_fast.model.method import get_method
 from patchddm_fast.data.patches import pad_to_multiple, unpad
-from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.data.regions import nest_regions
 from patchddm_fast.diffusion.samplers import DEFAULT_SAMPLER, check_sampler, nfe, sample_loop
+from patchddm_fast.diffusion.schedule import Diffusion
+from patchddm_fast.diffusion.steps import network_eval
+from patchddm_fast.model.conditioning import condition
+from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
+from patchddm_fast.model.execution.precision import resolve_precision
+from patchddm_fast.model.method import get_method
 
 
 class NonFiniteSampleError(ValueError):
     """The network produced NaN/Inf while sampling: a damaged or diverged model, never a valid mask."""
+
+
+class SamplingOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """CUDA ran out of memory sampling a network grid of edge ``size``; the CLI answers it with
+    the planner's advice for that size (``patchddm_fast.analysis.planner.oom_advice``)."""
+
+    def __init__(self, message: str, method: str, size: int):
+        super().__init__(message)
+        self.method, self.size = method, size
 
 
 @dataclass
@@ -60,15 +78,14 @@ DEFAULT_MEMBER_BATCH = {"cpu": 1, "cuda": 1}
 
 
 def member_batch_for(ensemble: int, *, eta: float = 0.0, sampler: str = DEFAULT_SAMPLER, device="cpu",
-                     requested: Optional[int] = None, plan=None, model=None, method: str = "patchddm",
-                     size: int = 0) -> int:
+                     requested: Optional[int] = None, plan: Optional[ExecutionPlan] = None) -> int:
     """How many ensemble members to sample as one network batch.
 
     * ``requested`` (``--member-batch``) wins, capped at ``ensemble``;
     * stochastic DDIM (eta > 0) draws step noise between a member's network calls, so only
       one member at a time reproduces the one-at-a-time noise: 1;
-    * with a memory plan (``--memory-budget``) the simulator picks the largest batch that
-      fits the budget with the plan's settings (:func:`~patchddm_fast.analysis.planner.max_sample_batch`);
+    * a plan's ``member_batch`` (the planner's largest batch that fits the budget), capped at
+      ``ensemble``;
     * otherwise :data:`DEFAULT_MEMBER_BATCH` for the device type.
     """
     stochastic = eta != 0 and sampler == "ddim"
@@ -79,10 +96,8 @@ def member_batch_for(ensemble: int, *, eta: float = 0.0, sampler: str = DEFAULT_
         return max(1, min(int(requested), ensemble))
     if stochastic or ensemble == 1:
         return 1
-    if plan is not None and model is not None:
-        from patchddm_fast.analysis.planner import max_sample_batch
-
-        return max_sample_batch(plan, model, method, size, ensemble)
+    if plan is not None and plan.member_batch is not None:
+        return max(1, min(int(plan.member_batch), ensemble))
     return max(1, min(DEFAULT_MEMBER_BATCH.get(torch.device(device).type, 1), ensemble))
 
 
@@ -93,6 +108,28 @@ def size_multiple_of(model: torch.nn.Module) -> int:
 def mask_channels_of(model: torch.nn.Module) -> int:
     """Channels of the diffused mask: the network's output channels (1, or 3 for regions)."""
     return int(getattr(model, "config", {}).get("out_channels", 1))
+
+
+def network_grid(image_shape: Sequence[int], model: torch.nn.Module, method: str) -> Tuple[int, int, int]:
+    """The spatial shape the network sees for an image of spatial shape ``image_shape``:
+    padded to the size multiple (twice it for HalfRes), then HalfRes-decimated by 2 -- what
+    :func:`segment_volume` feeds it, and what a sampling plan must be made for."""
+    factor = 2 if method == "halfres" else 1
+    multiple = size_multiple_of(model) * factor
+    padded = [-(-int(s) // multiple) * multiple for s in tuple(image_shape)[-3:]]
+    return tuple(-(-s // factor) for s in padded)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def executing(model: torch.nn.Module, policy: ExecutionPolicy) -> Iterator[None]:
+    """Run ``model`` with ``policy``'s ops, skip offload and tiling inside the block, restoring
+    its own policy afterwards (activation recompute is irrelevant without gradients)."""
+    old_policy = model.policy
+    model.apply_policy(dataclasses.replace(old_policy, ops=policy.ops, offload=policy.offload, tiled=policy.tiled))
+    try:
+        yield
+    finally:
+        model.apply_policy(old_policy)
 
 
 @torch.no_grad()
@@ -111,7 +148,7 @@ def segment_volume(
     desc: str = "",
     keep_samples: bool = False,
     autocast: Optional[contextlib.AbstractContextManager] = None,
-    memory_budget: Union[str, int, None] = None,
+    plan: Optional[ExecutionPlan] = None,
     members: Optional[Sequence[int]] = None,
     sampler: str = DEFAULT_SAMPLER,
     member_batch: Optional[int] = None,
@@ -127,12 +164,13 @@ def segment_volume(
         progress: show a tqdm bar over ensemble x steps with an ETA.
         autocast: optional context manager (e.g. from :mod:`patchddm_fast.model.execution.precision`)
             wrapped around every network evaluation; fp32 when omitted (as the paper).
-        memory_budget: GPU memory to stay within, e.g. "8GB": the planner
-            (:func:`patchddm_fast.analysis.planner.planned_inference`) picks ops, precision,
-            skip offload and tiling for this volume; its precision is used unless
-            ``autocast`` is given.  A CUDA out-of-memory error is answered with the
-            planner's suggestion either way.  With a budget the planner also picks how many
-            ensemble members run as one batch (:func:`member_batch_for`).
+        plan: how to run the network (e.g. the planner's answer to a memory budget,
+            :func:`patchddm_fast.analysis.planner.plan_sampling`): its policy's ops, skip
+            offload and tiling for the duration of the call, its precision unless
+            ``autocast`` is given (the conditioning is then held in the compute dtype, as the
+            planner's simulation does), and its ``member_batch`` (:func:`member_batch_for`).
+            None: the model as it is, fp32 unless ``autocast``.  A CUDA out-of-memory error
+            is raised as :class:`SamplingOutOfMemoryError` (method and grid edge attached).
         members: compute only these ensemble members (0-based, of ``ensemble``); the
             others' random draws are made and discarded without the network, so member k
             is bit-identical to member k of the full ensemble.  mean/var/mask then describe
@@ -165,31 +203,25 @@ def segment_volume(
 
     was_training = model.training
     model.eval()
-    planned = contextlib.nullcontext((None, None))
-    if memory_budget is not None:
-        from patchddm_fast.analysis.planner import planned_inference
-
-        planned = planned_inference(model, memory_budget, method, max(cond.shape[-3:]))
     samples = []
     chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
     evals = nfe(sampler, steps)
     bar = tqdm(total=len(chosen) * evals, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
+    running = executing(model, plan.policy) if plan is not None else contextlib.nullcontext()
     try:
-        with planned as (the_plan, precision):
+        with running:
             ctx, net_cond = autocast, cond
-            if autocast is None and precision is not None:
+            if autocast is None and plan is not None:
+                precision = resolve_precision(plan.precision, device)
                 # Hold the conditioning in the compute dtype, as the planner's simulation does: under
                 # autocast the first convolution casts its input to that dtype anyway (bit-identical).
                 ctx, net_cond = precision.autocast(), cond.to(precision.dtype)
-            ctx = ctx if ctx is not None else contextlib.nullcontext()
 
             def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                c = net_cond if x_t.shape[0] == 1 else net_cond.expand(x_t.shape[0], *net_cond.shape[1:])
-                with ctx:
-                    return model(network_input(c, x_t.to(net_cond.dtype)), t).float()
+                return network_eval(model, dict(cond=net_cond, x_t=x_t, t=t), autocast=ctx)
 
             batch = member_batch_for(len(chosen), eta=eta, sampler=sampler, device=device, requested=member_batch,
-                                     plan=the_plan, model=model, method=method, size=max(cond.shape[-3:]))
+                                     plan=plan)
             # Stochastic DDIM draws step noise between a member's network calls: such members run
             # one at a time, right after their initial noise, as the sequential sampler draws them.
             stochastic = eta != 0 and sampler == "ddim"
@@ -225,9 +257,9 @@ def segment_volume(
             if queue:
                 run_queue()
     except torch.cuda.OutOfMemoryError as exc:
-        from patchddm_fast.analysis import oom_advice
-
-        raise RuntimeError(oom_advice(exc, preset=method, mode="sample", size=max(cond.shape[-3:]))) from exc
+        if isinstance(exc, SamplingOutOfMemoryError):
+            raise
+        raise SamplingOutOfMemoryError(str(exc), method, max(cond.shape[-3:])) from exc
     finally:
         bar.close()
         model.train(was_training)

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from patchddm_fast.core.files import atomic_write_bytes
+from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.model.execution.policy import ExecutionPolicy
 from patchddm_fast.model.method import IMAGE_CHANNELS, get_method
 from patchddm_fast.model.unet import UNet3D
@@ -168,10 +169,17 @@ def build_model(config: Dict[str, Any]):
     return UNet3D(**arch, policy=policy)
 
 
+def data_multiple(config: Dict[str, Any]) -> int:
+    """Every volume a run trains or predicts on must have edges that are multiples of this:
+    the network's ``UNet3D.size_multiple`` (built on the meta device: no weights) times the
+    method's decimation (HalfRes decimates by 2 before the network)."""
+    with torch.device("meta"):
+        multiple = build_model(config).size_multiple
+    return get_method(config["method"]).size_multiple(multiple)
+
+
 def load_for_inference(path, device="cpu"):
     """(model in eval mode, Diffusion, config dict) from a checkpoint written by the Trainer."""
-    from patchddm_fast.diffusion.schedule import Diffusion
-
     state, config = load_checkpoint(Path(path), map_location=device)
     try:
         model = build_model(config)

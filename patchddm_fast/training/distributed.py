@@ -32,6 +32,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 import torch
 
 from patchddm_fast.core.devices import resolve_device
+from patchddm_fast.sampling.segment import SegmentationResult, segment_volume
 
 T = TypeVar("T")
 
@@ -104,9 +105,14 @@ def local_device(name: str, local_rank: int = 0, distributed: bool = False) -> t
     return device
 
 
+def env_world_size() -> int:
+    """The number of ranks torchrun launched (1 outside torchrun), before any process group exists."""
+    return _env_int("WORLD_SIZE", 1) if launched_by_torchrun() else 1
+
+
 def init(device_name: str = "auto") -> Tuple[DistContext, torch.device]:
     """Join the process group when launched by torchrun with WORLD_SIZE > 1; returns (context, device)."""
-    world = _env_int("WORLD_SIZE", 1) if launched_by_torchrun() else 1
+    world = env_world_size()
     if world <= 1:
         return DistContext(), local_device(device_name)
     import torch.distributed as dist
@@ -285,8 +291,6 @@ def sharded_ensemble_segmenter(ctx: DistContext) -> Callable[..., Any]:
 
     def segment(model: torch.nn.Module, diffusion: Any, image: torch.Tensor, *, ensemble: int = 5,
                 threshold: float = 0.5, **kwargs: Any):
-        from patchddm_fast.sampling.segment import SegmentationResult, segment_volume
-
         mine = list(range(ctx.rank, ensemble, ctx.world_size))
         res = segment_volume(model, diffusion, image, ensemble=ensemble, threshold=threshold, members=mine,
                              keep_samples=True, **kwargs)

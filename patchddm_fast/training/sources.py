@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from patchddm_fast.training.cases import VolumeCase, pad_case
+from patchddm_fast.data.layouts import open_dataset
+from patchddm_fast.data.phantom import make_phantom_dataset
 from patchddm_fast.data.regions import detect_convention
+from patchddm_fast.data.training_sets import dataset_cases
+from patchddm_fast.training.cases import VolumeCase, pad_case
 
 # Validation phantoms are drawn from a seed stream far from the training ones, so the
 # two sets never share a case.
@@ -12,8 +15,6 @@ VALIDATION_SEED_OFFSET = 1_000_003
 
 
 def phantom_cases(n: int, size: int, seed: int, multiple: int, **options) -> List[VolumeCase]:
-    from patchddm_fast.data.phantom import make_phantom_dataset
-
     return [pad_case(c.case_id, c.image, c.labels, multiple, c.affine)
             for c in make_phantom_dataset(n, size, seed, **options)]
 
@@ -23,8 +24,6 @@ def label_convention(config) -> str:
     (0/1/2/4); a dataset folder's layout says which values its labels use."""
     if config.data == "phantom":
         return "brats2020"
-    from patchddm_fast.data.layouts import open_dataset  # local, like load_cases: io imports data (a known circle, issue 8)
-
     dataset = open_dataset(config.data, layout=getattr(config, "layout", "auto"))
     if dataset.label_values is None:
         raise ValueError(f"{config.data}: the dataset does not declare its label values, so the label convention "
@@ -40,6 +39,4 @@ def load_cases(config, multiple: int) -> Tuple[List[VolumeCase], List[VolumeCase
         val = phantom_cases(config.phantom_val, config.phantom_size, config.seed + VALIDATION_SEED_OFFSET, multiple,
                             **options)
         return train, val
-    from patchddm_fast.data.training_sets import dataset_cases
-
     return dataset_cases(config, multiple)

@@ -1,8 +1,9 @@
 """``Trainer(config).fit()``: train, validate, checkpoint atomically, resume exactly.
 
 The loop is deliberately short (in the spirit of denoising-diffusion-pytorch): draw a
-batch and (t, noise) from generators seeded by (seed, step), compute the epsilon MSE on
-the mask channel, step AdamW through the precision policy's loss scaler, and every so
+batch and (t, noise) from generators seeded by (seed, step), run the one train step
+(:func:`patchddm_fast.diffusion.steps.train_step`: the loss on the mask channel, AdamW
+through the precision policy's loss scaler, clipping, the lr schedule), and every so
 often validate (Dice on whole held-out volumes sampled with DDIM) and save
 ``out_dir/last.pt``.  Because each step's randomness depends only on (seed, step), a
 resumed run reproduces the uninterrupted run's losses exactly.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,22 +26,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patchddm_fast.config import TrainConfig, as_config
 from patchddm_fast.core.files import atomic_write_text, remove_stale_temp_files
-from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, build_model, check_weights_match, load_checkpoint,
-                                      save_checkpoint)
-from patchddm_fast.model.conditioning import network_input
-from patchddm_fast.model.method import get_method, network_multiple
-from patchddm_fast.config import TrainConfig
-from patchddm_fast.training import distributed
-from patchddm_fast.training.cases import BatchSampler, CaseSource, read_whole, step_generators
-from patchddm_fast.core.devices import resolve_device  # noqa: F401  (re-exported: commands import it from here)
+from patchddm_fast.core.runlock import RunLock
+from patchddm_fast.core.safe_paths import confined, output_folder
+from patchddm_fast.data.regions import check_convention, check_target
+from patchddm_fast.data.training_sets import preprocess_config_for
+from patchddm_fast.diffusion import steps
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.eval.metrics import dice
-from patchddm_fast.data.regions import check_convention, check_target
+from patchddm_fast.model.execution.policy import ExecutionPlan
+from patchddm_fast.model.execution.precision import resolve_precision
 from patchddm_fast.sampling.segment import flush_denormals_on_cpu, segment_volume
+from patchddm_fast.training import distributed
+from patchddm_fast.training.cases import BatchSampler, CaseSource, read_whole, step_generators
+from patchddm_fast.training.checkpoint import (NonFiniteWeightsError, build_model, check_weights_match, data_multiple,
+                                               load_checkpoint, save_checkpoint)
+from patchddm_fast.training.schedule import StepSchedule
+from patchddm_fast.training.sources import label_convention, load_cases
 
-
-LR_SCHEDULES = ("constant", "cosine")
 RUN_FILES = ("last.pt", "config.json", "log.jsonl", "split.json")  # what fit writes into out_dir
 
 
@@ -49,20 +52,15 @@ class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or weights; nothing non-finite was saved (CLI exit code 3)."""
 
 
-def learning_rate(base: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
-    """The learning rate of optimiser step ``step`` (0-based) of ``total``.
-
-    A pure function of the step, so a resumed run follows the same schedule exactly.
-    ``cosine`` decays from ``base`` to 0 at the last step (after the warm-up).
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant" or total <= warmup + 1:
-        return base
-    progress = (step - warmup) / (total - warmup - 1)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def planned_config(config: TrainConfig, plan: ExecutionPlan) -> TrainConfig:
+    """``config`` with a plan's choices (recompute, offload, ops, precision, patch size) in
+    place, so config.json and every checkpoint record what the run executed with."""
+    policy = plan.policy
+    chosen: Dict[str, Any] = dict(checkpoint=policy.recompute, offload=policy.offload, ops=policy.ops,
+                                  precision=plan.precision)
+    if plan.patch_size is not None:
+        chosen["patch_size"] = plan.patch_size
+    return TrainConfig.from_dict({**config.to_dict(), **chosen})
 
 
 class Trainer:
@@ -72,38 +70,33 @@ class Trainer:
     >>> Trainer(TrainConfig(steps=10, out_dir="runs/x")).fit()   # doctest: +SKIP
 
     ``config`` may be a :class:`TrainConfig`, a dict of its fields, or a JSON/YAML path.
-    Keyword overrides are applied on top (``Trainer(cfg, memory_budget="8GB")``).
+    Keyword overrides are applied on top (``Trainer(cfg, lr=1e-4)``).
     ``train_cases`` / ``val_cases`` replace the data source named in the config.
+    ``plan``: the execution plan to run with (recompute, offload, ops, precision, patch
+    size), usually the planner's answer to ``config.memory_budget``; this class never calls
+    the planner (``patchddm_fast.Trainer`` and ``patchddm train`` do when a budget is set).
     """
 
     def __init__(
         self,
         config: Union[TrainConfig, Dict[str, Any], str, Path, None] = None,
         *,
+        plan: Optional[ExecutionPlan] = None,
         train_cases: Optional[List[CaseSource]] = None,
         val_cases: Optional[List[CaseSource]] = None,
         **overrides: Any,
     ):
-        if config is None:
-            config = TrainConfig()
-        elif isinstance(config, (str, Path)):
-            config = TrainConfig.from_file(config)
-        elif isinstance(config, dict):
-            config = TrainConfig.from_dict(config)
-        else:
-            config.validate()
-        if overrides:
-            config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+        config = as_config(config, **overrides)
+        if plan is not None:
+            config = planned_config(config, plan)
         check_target(config.target)
         if config.label_convention is not None:
             check_convention(config.label_convention)
         self.config = config
+        self.plan = plan
         self.out_dir = Path(config.out_dir)
         self.dist, self.device = distributed.init(config.device)
         flush_denormals_on_cpu(self.device)
-        if config.memory_budget:
-            self._apply_memory_plan()
-            config = self.config  # the planner's settings from here on
         self.diffusion = Diffusion(**config.diffusion)
         torch.manual_seed(config.seed)  # initial weights
         self.model = build_model(config.to_dict()).to(self.device)
@@ -116,9 +109,8 @@ class Trainer:
             self.model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
             weight_decay=config.weight_decay,
         )
-        learning_rate(config.lr, 0, config.steps, config.lr_schedule, config.warmup_steps)  # bad names fail here
-        from patchddm_fast.model.execution.precision import resolve_precision
-
+        self.schedule = StepSchedule(self.optimizer, config.lr, config.steps, config.lr_schedule,
+                                     config.warmup_steps)
         self.precision = resolve_precision(config.precision, self.device)
         self.step = 0
         self._saved_step: Optional[int] = None  # step of the newest finite checkpoint in out_dir
@@ -126,36 +118,15 @@ class Trainer:
         self.validations: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ setup
-    def _apply_memory_plan(self) -> None:
-        """Let the planner choose checkpointing/precision/patch size for the memory budget."""
-        from patchddm_fast.analysis.planner import plan, planner_arch
-
-        cfg = self.config
-        arch = planner_arch(cfg.model, cfg.method, cfg.target)
-        multiple = network_multiple(arch["channel_mult"])
-        patch_sizes = tuple(s for s in (cfg.patch_size, cfg.patch_size // 2) if s >= multiple and s % multiple == 0)
-        p = plan(cfg.memory_budget, preset=cfg.method, mode="train", precision=cfg.precision, patch_sizes=patch_sizes,
-                 model_kwargs=arch, ddp=self.dist.enabled)
-        if not p.fits:
-            raise RuntimeError(p.format_text())
-        settings = {k: v for k, v in p.settings.items()
-                    if k in {"checkpoint", "offload", "precision", "patch_size", "ops"} and v is not None}
-        self.config = TrainConfig.from_dict({**self.config.to_dict(), **settings})
-        self.memory_plan = p
-
     def _resolve_preprocess(self) -> None:
         """Store the effective preprocessing (defaults filled in, the network's size multiple)
         in the config, so every checkpoint says exactly what ``predict`` must repeat; an
         empty dict would leave predict guessing (and warning) for a default-trained model."""
-        from patchddm_fast.data.training_sets import preprocess_config_for
-
-        multiple = get_method(self.config.method).size_multiple(self.model.size_multiple)
+        multiple = data_multiple(self.config.to_dict())
         self.config.preprocess = preprocess_config_for(self.config.preprocess, multiple).to_dict()
 
     def _load_cases(self):
-        from patchddm_fast.training.sources import label_convention, load_cases
-
-        multiple = get_method(self.config.method).size_multiple(self.model.size_multiple)
+        multiple = data_multiple(self.config.to_dict())
         if self._train_cases is None:
             self._train_cases, loaded_val = load_cases(self.config, multiple)
             if self._val_cases is None:
@@ -170,6 +141,7 @@ class Trainer:
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             scaler=self.precision.scaler.state_dict(),
+            schedule=self.schedule.state_dict(),
             step=self.step,
             losses=torch.tensor(self.losses, dtype=torch.float64),
             validations_json=json.dumps(self.validations),
@@ -200,35 +172,33 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        # The schedule continues at the saved step with this config's lr (checkpoints from before
+        # the schedule was saved: the step is its position).
+        self.schedule.load_state_dict(state.get("schedule", dict(last_epoch=self.step)))
         self.losses = [float(v) for v in state["losses"]]
         self.validations = json.loads(state.get("validations_json", "[]"))
         self._saved_step = self.step
 
     # ------------------------------------------------------------------ training
     def train_step(self, sampler: BatchSampler) -> float:
+        """One optimiser step of :func:`patchddm_fast.diffusion.steps.train_step` on this step's batch."""
         cond, x0, t, noise = self.draw_batch(sampler, distributed.global_indices(self.dist, self.config.batch_size))
-        cond, x0, t, noise = (v.to(self.device) for v in (cond, x0, t, noise))
+        inputs = dict(cond=cond, x0=x0, t=t, noise=noise)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         self.model.train()
-        with self.precision.autocast():
-            loss = self.diffusion.training_loss(self.net, cond, x0, t, noise, network_input)
-        # Every rank checks the same (global batch) loss, so all stop together on a non-finite one.
-        reported = distributed.mean_over_ranks(loss.detach(), self.dist)
-        if not torch.isfinite(reported):
-            raise self._divergence(f"the loss of step {self.step + 1} became {reported.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.precision.scaler
-        scaler.scale(loss).backward()
-        if self.config.grad_clip:
-            scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        lr = learning_rate(self.config.lr, self.step, self.config.steps, self.config.lr_schedule,
-                           self.config.warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(self.optimizer)
-        scaler.update()
+        reported: List[torch.Tensor] = []
+
+        def check_loss(loss: torch.Tensor) -> None:
+            # Every rank checks the same (global batch) loss, so all stop together on a non-finite one.
+            value = distributed.mean_over_ranks(loss, self.dist)
+            if not torch.isfinite(value):
+                raise self._divergence(f"the loss of step {self.step + 1} became {value.item()}")
+            reported.append(value)
+
+        steps.train_step(self.net, self.diffusion, self.optimizer, self.precision, inputs,
+                         grad_clip=self.config.grad_clip, schedule=self.schedule, check_loss=check_loss)
         self.step += 1
-        value = float(reported)
+        value = float(reported[0])
         self.losses.append(value)
         return value
 
@@ -272,9 +242,6 @@ class Trainer:
         Holds the run folder's lock throughout (a second process on the same folder is
         refused) and first removes temp files that killed checkpoint writes left behind.
         """
-        from patchddm_fast.core.runlock import RunLock
-        from patchddm_fast.core.safe_paths import confined, output_folder
-
         if not self.dist.is_main:  # distributed: rank 0 alone writes the run folder and holds its lock
             return self._fit()
         output_folder(self.out_dir, "out_dir")
@@ -326,25 +293,18 @@ class Trainer:
         return dict(losses=self.losses, validations=self.validations, checkpoint=str(last))
 
     def _step(self, sampler: BatchSampler) -> float:
-        """One step; under DDP a failed collective (dead or hung peer) becomes a one-line error."""
+        """One step; under DDP a failed collective (dead or hung peer) becomes a one-line error.
+        Out of memory passes through (the CLI answers it with the planner's advice)."""
         if not self.dist.enabled:
-            return self._oom_guard(self.train_step, sampler)
+            return self.train_step(sampler)
         try:
-            return self._oom_guard(self.train_step, sampler)
-        except (FloatingPointError, ValueError):
+            return self.train_step(sampler)
+        except (FloatingPointError, ValueError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:
             raise distributed.collective_failure(exc, self.dist, self.step) from exc
 
     # ------------------------------------------------------------------ plumbing
-    def _oom_guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except torch.cuda.OutOfMemoryError as exc:
-            from patchddm_fast.analysis import oom_advice
-
-            raise RuntimeError(oom_advice(exc, preset=self.config.method, mode="train")) from exc
-
     def _log(self, record: Dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
