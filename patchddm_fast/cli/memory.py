@@ -7,10 +7,10 @@ import json
 
 def simulated_methods() -> tuple:
     """The methods the simulator knows the paper's sizes for (the --preset choices)."""
-    from patchddm_fast.analysis.simulate import DEFAULT_SIZES
+    from patchddm_fast.analysis.simulate import PAPER_SIZES
     from patchddm_fast.model.method import METHODS
 
-    return tuple(m for m in METHODS if (m, "train") in DEFAULT_SIZES)
+    return tuple(m for m in METHODS if (m, "train") in PAPER_SIZES)
 
 
 def add_memory_flags(p: argparse.ArgumentParser, recipe: bool = True) -> None:
