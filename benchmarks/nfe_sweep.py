@@ -70,7 +70,7 @@ def sweep(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     from patchddm_fast.training.checkpoint import load_for_inference
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.training.cases import read_whole
     from patchddm_fast.training.sources import load_cases
     from patchddm_fast.eval.metrics import dice

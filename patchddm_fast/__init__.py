@@ -15,7 +15,7 @@ import functools
 import inspect
 from typing import Any
 
-from patchddm_fast.config import TrainConfig
+from patchddm_fast.training.config import TrainConfig
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.model.unet import UNet3D
 
@@ -27,7 +27,7 @@ __all__ = ["Diffusion", "TrainConfig", "Trainer", "UNet3D", "segment_volume"]
 def _planning_trainer() -> type:
     # Imported on first use: the trainer pulls in the data, metrics and planner modules.
     from patchddm_fast.analysis.planner import plan_training
-    from patchddm_fast.config import as_config
+    from patchddm_fast.training.config import as_config
     from patchddm_fast.training import distributed, trainer
 
     class Trainer(trainer.Trainer):

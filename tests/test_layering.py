@@ -6,7 +6,7 @@ Layers, lowest first (a module may import its own layer and the layers below, ne
     1 kernels, data custom ops (no nn.Module); phantoms, NIfTI, patches, regions, cache
     2 model         the U-Net, its ops backend, conditioning, execution policy (recompute, offload, tiled)
     3 diffusion, eval   schedule, samplers, the one train/eval step; metrics and figures
-    4 training, sampling, config   the trainer and checkpoints; whole-volume segmentation
+    4 training, sampling   the run configuration, the trainer and checkpoints; whole-volume segmentation
     5 analysis      tracker, allocator model, simulator, planner, profiler
     6 cli           the commands
     7 the package's face (patchddm_fast/__init__.py, __main__.py)
@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "patchddm_fast"
 
 LAYERS: Dict[str, int] = {
     "core": 0, "kernels": 1, "data": 1, "model": 2, "diffusion": 3, "eval": 3,
-    "training": 4, "sampling": 4, "config": 4, "analysis": 5, "cli": 6, "__init__": 7, "__main__": 7,
+    "training": 4, "sampling": 4, "analysis": 5, "cli": 6, "__init__": 7, "__main__": 7,
 }
 
 

@@ -187,7 +187,7 @@ def test_large_necrosis_option_keeps_the_anatomy_and_grows_the_core():
 
 
 def test_config_phantom_options_reach_the_training_and_validation_phantoms():
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.data.phantom import LARGE_NECROSIS
     from patchddm_fast.training.sources import VALIDATION_SEED_OFFSET, load_cases
 

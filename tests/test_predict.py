@@ -156,7 +156,7 @@ def test_refuses_input_folders_and_existing_outputs(stand_in, data, tmp_path):
 def test_real_tiny_checkpoint_end_to_end(data, tmp_path):
     """The real loader and sampler with a tiny network: outputs exist on the input grid, values are sane."""
     from patchddm_fast.training.checkpoint import save_checkpoint
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from conftest import tiny_unet_kwargs
 
     arch = {k: v for k, v in tiny_unet_kwargs().items() if k != "in_channels"}
@@ -190,7 +190,7 @@ def test_train_predict_evaluate_round_trip(data, tmp_path, monkeypatch):
 
     from patchddm_fast.training.checkpoint import load_for_inference
     from patchddm_fast.cli import evaluate
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.data import load_case, open_dataset
     from patchddm_fast.data.training_sets import preprocess_config_for
     from patchddm_fast.data.preprocess import preprocess_case
@@ -235,7 +235,7 @@ def test_preprocessing_warning_only_when_the_checkpoint_lacks_it(data, tmp_path,
     """Issue 13.3: the 'stores no preprocessing parameters' warning is for old checkpoints only;
     one that stores its (default) preprocessing, as every trained one now does, predicts silently."""
     from patchddm_fast.training.checkpoint import build_model, save_checkpoint
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.data.preprocess import PreprocessConfig
     from conftest import tiny_unet_kwargs
 

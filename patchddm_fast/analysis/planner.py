@@ -26,7 +26,7 @@ import torch
 from patchddm_fast.analysis import allocator
 from patchddm_fast.analysis.memory_report import MemoryReport
 from patchddm_fast.analysis.simulate import PAPER_SIZES, simulate
-from patchddm_fast.config import TrainConfig
+from patchddm_fast.training.config import TrainConfig
 from patchddm_fast.core.units import fmt_bytes, parse_bytes
 from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
 from patchddm_fast.model.method import get_method

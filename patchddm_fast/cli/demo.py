@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from patchddm_fast.cli.sample import add_sampling_flags
-from patchddm_fast.config import PAPER_DIFFUSION
+from patchddm_fast.training.config import PAPER_DIFFUSION
 from patchddm_fast.data.regions import TARGETS
 from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
 from patchddm_fast.core.validation import int_at_least
@@ -80,7 +80,7 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
 
     The one training-and-scoring path of the demo and of ``benchmarks/ablation.py``."""
     from patchddm_fast.cli.showcase import evaluate_cases
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.core.files import atomic_write_text
     from patchddm_fast.training.checkpoint import data_multiple
     from patchddm_fast.training.sources import load_cases

@@ -76,7 +76,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from patchddm_fast.cli.showcase import evaluate_cases, format_table
-    from patchddm_fast.config import TrainConfig
+    from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.core.devices import resolve_device
     from patchddm_fast.training.checkpoint import data_multiple, load_for_inference
     from patchddm_fast.training.sources import load_cases

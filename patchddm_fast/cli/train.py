@@ -6,7 +6,7 @@ import dataclasses
 import json
 import typing
 
-from patchddm_fast.config import TrainConfig, read_config_file
+from patchddm_fast.training.config import TrainConfig, read_config_file
 
 
 def _parse_bool(text: str) -> bool:

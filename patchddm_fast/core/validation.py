@@ -1,6 +1,6 @@
 """Checking user-supplied values at the boundary, with messages that say where, what and why.
 
-One home for the primitive checks used by the run configuration (:mod:`patchddm_fast.config`)
+One home for the primitive checks used by the run configuration (:mod:`patchddm_fast.training.config`)
 and by command-line flags (argparse ``type=`` adapters).  Every failure is a
 :class:`ConfigError` whose one-line message names the source (config file, flag,
 checkpoint), the key, the offending value and the expected form, so a CLI can print it

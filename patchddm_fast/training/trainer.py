@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchddm_fast.config import TrainConfig, as_config
+from patchddm_fast.training.config import TrainConfig, as_config
 from patchddm_fast.core.files import atomic_write_text, remove_stale_temp_files
 from patchddm_fast.core.runlock import RunLock
 from patchddm_fast.core.safe_paths import confined, output_folder
