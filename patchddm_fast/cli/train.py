@@ -29,7 +29,16 @@ def _parse_json_dict(text: str) -> dict:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
-    """One flag per TrainConfig field (default None = 'from the config file or the built-in default')."""
+    """One flag per TrainConfig field (default None = 'from the config file or the built-in default').
+
+    Why not tyro / jsonargparse / simple-parsing, which generate flags from dataclasses too: the
+    flags here are already generated from the one dataclass (names, types, defaults, help), in
+    about 30 lines; those libraries would add a dependency, and none reports a bad value the way
+    a user needs it here -- naming the config file *or* the flag it came from (see
+    ``config_from_args``).  The nested sections (model, diffusion, preprocess, phantom_options)
+    are JSON objects on the command line, checked key by key against what their consumers
+    accept by ``training.config.validate_config``.
+    """
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of settings; flags override it")
