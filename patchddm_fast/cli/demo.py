@@ -24,7 +24,7 @@ from patchddm_fast.cli.sample import add_sampling_flags
 from patchddm_fast.training.config import PAPER_DIFFUSION
 from patchddm_fast.data.regions import TARGETS
 from patchddm_fast.data.patches import OFFSET_DISTRIBUTIONS
-from patchddm_fast.core.validation import int_at_least
+from patchddm_fast.core.validation import float_in, int_at_least
 
 DEMO_CONFIG = dict(
     method="patchddm",
@@ -67,6 +67,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "and lesion-wise (BraTS 2023)")
     p.add_argument("--patch-distribution", default=DEMO_CONFIG["patch_distribution"], choices=OFFSET_DISTRIBUTIONS,
                    help="training patch offsets per axis (trapezoid: the paper's, favours central patches)")
+    p.add_argument("--ema-decay", type=float_in(0.0, 0.999999), default=None, metavar="DECAY",
+                   help="sample with an exponential moving average of the weights (e.g. 0.995); off by default")
     add_sampling_flags(p)
     p.set_defaults(ensemble=5, sampling_steps=10)
     return p
@@ -95,7 +97,7 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
     trainer = Trainer(config, train_cases=train_cases, val_cases=[])
     trainer.fit()
     train_s = time.perf_counter() - t0
-    metrics = evaluate_cases(trainer.model, trainer.diffusion, trainer.config.method, val_cases, out,
+    metrics = evaluate_cases(trainer.inference_model, trainer.diffusion, trainer.config.method, val_cases, out,
                              ensemble=ensemble, steps=sampling_steps, seed=sampling_seed, progress=progress,
                              memory_budget=memory_budget, eta=eta, threshold=threshold, sampler=sampler,
                              member_batch=member_batch, convention=trainer.config.label_convention)
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     config = dict(DEMO_CONFIG, steps=args.steps, seed=args.seed, phantom_val=args.cases, device="cpu",
-                  target=args.target,
+                  target=args.target, ema_decay=getattr(args, "ema_decay", None),
                   patch_distribution=getattr(args, "patch_distribution", DEMO_CONFIG["patch_distribution"]))
     if args.target == "regions":  # multifocal cases (2-3 separate lesions), so lesion-wise scores mean something
         config["phantom_options"] = dict(multifocal=REGION_DEMO_MULTIFOCAL)

@@ -3,7 +3,7 @@
 * :func:`train_step` -- forward and loss under the precision's autocast, an optional check
   of the loss (the Trainer's divergence test), ``zero_grad(set_to_none=True)`` (after the
   forward), backward through the loss scaler, optional gradient-norm clipping (on unscaled
-  gradients), optimizer step, and the lr schedule's advance;
+  gradients), optimizer step, the lr schedule's advance, and the weights' moving average;
 * :func:`network_eval` -- one evaluation as the samplers run it:
   ``model(network_input(cond, x_t), t).float()`` under no_grad and the given autocast.
 
@@ -46,13 +46,15 @@ def train_step(model: torch.nn.Module, diffusion, optimizer: torch.optim.Optimiz
                inputs: Dict[str, torch.Tensor], scaler=None, autocast_device: Optional[str] = None,
                phase: Phase = _no_phase, grad_clip: Optional[float] = None,
                schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-               check_loss: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+               check_loss: Optional[Callable[[torch.Tensor], None]] = None,
+               ema: Optional[torch.optim.swa_utils.AveragedModel] = None) -> torch.Tensor:
     """One training step; returns the (detached) loss.
 
     ``grad_clip``: clip the gradient norm of ``optimizer``'s parameters to this value (the
     scaler unscales first).  ``schedule``: the lr scheduler, advanced after the optimizer
     step (it set this step's lr when it was created or last advanced).  ``check_loss``:
-    called with the detached loss before backward (may raise to stop the step).
+    called with the detached loss before backward (may raise to stop the step).  ``ema``: a
+    ``torch.optim.swa_utils.AveragedModel`` updated with the new weights after the step.
     """
     scaler = scaler if scaler is not None else precision.scaler
     with phase("forward"), precision.autocast(autocast_device):
@@ -70,6 +72,8 @@ def train_step(model: torch.nn.Module, diffusion, optimizer: torch.optim.Optimiz
         scaler.update()
         if schedule is not None:
             schedule.step()
+        if ema is not None:
+            ema.update_parameters(model)
     return loss.detach()
 
 

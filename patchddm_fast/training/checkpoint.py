@@ -178,6 +178,18 @@ def data_multiple(config: Dict[str, Any]) -> int:
     return get_method(config["method"]).size_multiple(multiple)
 
 
+def _inference_weights(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """The weights to sample with: the moving average (``AveragedModel``'s ``module.*`` keys)
+    when the run kept one (``ema_decay``), else the trained weights."""
+    if "ema" not in state:
+        return state["model"]
+    prefix = "module."
+    weights = {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+    if set(weights) != set(state["model"]):
+        raise ValueError(f"checkpoint {path}: the weight average does not cover the network's parameters")
+    return weights
+
+
 def load_for_inference(path, device="cpu"):
     """(model in eval mode, Diffusion, config dict) from a checkpoint written by the Trainer."""
     state, config = load_checkpoint(Path(path), map_location=device)
@@ -186,8 +198,9 @@ def load_for_inference(path, device="cpu"):
         diffusion = Diffusion(**config["diffusion"])
     except (TypeError, ValueError, KeyError) as exc:
         raise ValueError(f"checkpoint {path}: stored config does not describe a network ({exc})") from exc
-    check_weights_match(model, state["model"], Path(path), config)
-    model.load_state_dict(state["model"])
+    weights = _inference_weights(state, Path(path))
+    check_weights_match(model, weights, Path(path), config)
+    model.load_state_dict(weights)
     model.to(device).eval()
     model.apply_policy(dataclasses.replace(model.policy, recompute="none"))
     return model, diffusion, config

@@ -74,6 +74,7 @@ class TrainConfig:
     lr_schedule: str = _help("learning-rate schedule: constant (paper) or cosine (decay to 0 at the last step)", default="constant")
     warmup_steps: int = _help("linear learning-rate warm-up over the first N steps (0: none)", default=0)
     grad_clip: Optional[float] = _help("clip the gradient norm to this value (off when unset)", default=None)
+    ema_decay: Optional[float] = _help("keep an exponential moving average of the weights with this decay (e.g. 0.995; the reference code's default is 0.9999) and sample with it; off when unset", default=None)
     precision: str = _help("auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16", default="auto")
     ops: str = _help("reference (plain PyTorch, the paper's) or fused (custom Triton/C++ ops)", default="reference")
     checkpoint: str = _help("activation checkpointing: none, selective (recompute GroupNorm-SiLU), block (recompute half of each residual block) or level (also recompute encoder levels)", default="none")
@@ -237,6 +238,9 @@ def validate_config(d: Mapping[str, Any], source: Union[str, Mapping[str, str], 
     if "grad_clip" in d:
         out["grad_clip"] = v.check_optional(v.check_float)(d["grad_clip"], "grad_clip", src("grad_clip"), 0.0,
                                                             lo_open=True)
+    if "ema_decay" in d:
+        out["ema_decay"] = v.check_optional(v.check_float)(d["ema_decay"], "ema_decay", src("ema_decay"), 0.0, 1.0,
+                                                            lo_open=True, hi_open=True)
     for key in ("val_fraction", "test_fraction"):
         if key in d:
             out[key] = v.check_float(d[key], key, src(key), 0.0, 1.0, hi_open=True)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from patchddm_fast.training.config import TrainConfig, as_config
@@ -112,6 +113,11 @@ class Trainer:
         self.schedule = StepSchedule(self.optimizer, config.lr, config.steps, config.lr_schedule,
                                      config.warmup_steps)
         self.precision = resolve_precision(config.precision, self.device)
+        # The weights' exponential moving average (torch's AveragedModel with its EMA rule), the
+        # weights validation and prediction sample with when config.ema_decay is set.
+        self.ema: Optional[AveragedModel] = None
+        if config.ema_decay:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
         self.step = 0
         self._saved_step: Optional[int] = None  # step of the newest finite checkpoint in out_dir
         self.losses: List[float] = []
@@ -142,6 +148,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.precision.scaler.state_dict(),
             schedule=self.schedule.state_dict(),
+            **(dict(ema=self.ema.state_dict()) if self.ema is not None else {}),
             step=self.step,
             losses=torch.tensor(self.losses, dtype=torch.float64),
             validations_json=json.dumps(self.validations),
@@ -169,6 +176,10 @@ class Trainer:
         distributed.check_resume_world(path, int(state.get("world_size", 1)), int(config.get("batch_size", 1)),
                                        self.dist.world_size, self.config.batch_size)
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"checkpoint {path} has no weight average; resume without ema_decay, or start over")
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -196,11 +207,17 @@ class Trainer:
             reported.append(value)
 
         steps.train_step(self.net, self.diffusion, self.optimizer, self.precision, inputs,
-                         grad_clip=self.config.grad_clip, schedule=self.schedule, check_loss=check_loss)
+                         grad_clip=self.config.grad_clip, schedule=self.schedule, check_loss=check_loss,
+                         ema=self.ema)
         self.step += 1
         value = float(reported[0])
         self.losses.append(value)
         return value
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """The network to sample with: the weights' moving average when ``ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.model
 
     def draw_batch(self, sampler: BatchSampler, indices) -> Tuple[torch.Tensor, ...]:
         """(cond, x0, t, noise) of the given global sample indices of this step.
@@ -225,7 +242,7 @@ class Trainer:
         for case in distributed.shard(cases, self.dist):
             image, label = read_whole(case)
             result = segment_volume(
-                self.model, self.diffusion, image, method=self.config.method,
+                self.inference_model, self.diffusion, image, method=self.config.method,
                 ensemble=self.config.val_ensemble, steps=self.config.val_steps, seed=self.config.seed,
                 progress=False,
             )
