@@ -6,6 +6,6 @@ kernels, autograd); their internal layout may change, these names do not (issue 
 """
 from patchddm_fast.kernels.average_skip import average_skip_, residual_add_
 from patchddm_fast.kernels.gn_silu import group_norm_silu
-from patchddm_fast.kernels.gn_silu_conv3d import gn_silu_conv3d
+from patchddm_fast.kernels.fused_conv3d import gn_silu_conv3d
 
 __all__ = ["group_norm_silu", "average_skip_", "residual_add_", "gn_silu_conv3d"]

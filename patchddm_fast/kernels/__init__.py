@@ -17,7 +17,7 @@ Public entry points:
 * :func:`residual_add_` -- in-place ``h <- h + skip`` (``patchddm::residual_add_``);
 * :func:`gn_silu_conv3d` -- ``conv3d(up(SiLU(GroupNorm(x + bias_in)))) (+ residual)`` as one
   Triton implicit-GEMM convolution with the norm/upsampling as prologues
-  (``patchddm::gn_silu_conv3d_fwd`` / ``_bwd``, :mod:`.gn_silu_conv3d`).
+  (``patchddm::gn_silu_conv3d_fwd`` / ``_bwd``, :mod:`.fused_conv3d`).
 
 :mod:`patchddm_fast.ops` re-exports these under their stable public names.
 
@@ -32,7 +32,7 @@ under FakeTensorMode and ``torch.compile``, and the memory simulator counts them
 from .average_skip import average_skip_, residual_add_
 from .backends import CPU_BACKENDS, cpu_backend, get_cpu_backend, resolve_cpu_backend, set_cpu_backend
 from .gn_silu import group_norm_silu
-from .gn_silu_conv3d import gn_silu_conv3d
+from .fused_conv3d import gn_silu_conv3d
 
 __all__ = [
     "group_norm_silu",

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from . import average_skip, gn_silu
+from . import average_skip, fused_conv3d, gn_silu
 from ._triton import KernelVariant
 
 ARCHS = (80, 86, 89, 90)
@@ -37,7 +37,10 @@ def all_variants(dtypes: Sequence[str] = DTYPES, layouts: Sequence[str] = LAYOUT
     for layout in layouts:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-    return gn_silu.aot_variants(dtypes, layouts) + average_skip.aot_variants(dtypes)
+    # The fused convolution addresses any strides; its variants are the channels-last ones
+    # the network runs, listed once whatever ``layouts`` says.  Their names contain "conv".
+    return (gn_silu.aot_variants(dtypes, layouts) + average_skip.aot_variants(dtypes)
+            + fused_conv3d.aot_variants(dtypes))
 
 
 def cuobjdump_path() -> str:

@@ -423,7 +423,7 @@ def statistics(x: Tensor, bias_in: Optional[Tensor], groups: int, eps: float
     """Triton statistics: float32 ``(mean, rstd)`` (N, groups) of ``x + bias_in`` (kernels 1, 2).
 
     Also the statistics pass of the fused convolution's GroupNorm-SiLU prologue
-    (:mod:`.gn_silu_conv3d`)."""
+    (:mod:`.fused_conv3d`)."""
     x = in_kernel_layout(x)
     p = make_plan(x, groups)
     dev, f32 = x.device, torch.float32
