@@ -194,6 +194,8 @@ def test_bad_arguments_are_rejected():
         ops.gn_silu_conv3d(x, nw, nb, 29, torch.randn(8, 29, 5, 5, 5))
     with pytest.raises(ValueError, match="stride"):
         ops.gn_silu_conv3d(x, nw, nb, 29, w, stride=3)
+    with pytest.raises(ValueError, match="upsample"):
+        ops.gn_silu_conv3d(x, nw, nb, 29, w, stride=2, upsample=True)
     with pytest.raises(ValueError, match="residual"):
         ops.gn_silu_conv3d(x, nw, nb, 29, w, residual=torch.randn(1, 8, 2, 2, 2))
 

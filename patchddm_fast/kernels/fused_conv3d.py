@@ -41,27 +41,28 @@ taps x Cin_pad times (Cin_pad = Cin rounded up to a multiple of BLOCK_K: 29 -> 3
 low-resolution element feeds 8 upsampled children).
 
 Cost per output element (one output pixel x one output channel), 3x3x3, stride 1,
-Cin = Cout = C, Cin_pad = P, BLOCK_N = Q (the padded Cout):
-  tensor-core FLOPs      2 * 27 * P                     (useful: 2 * 27 * C)
-  prologue activations   27 * P / Q   per output element (27 * P per output pixel)
-    each: 1 FMA (scale/shift), sigmoid = |u|, *(-log2 e), MUFU.EX2, +1, MUFU.RCP,
-    select, *, then u*sig, padding select, cvt to fp16/bf16: ~8 CUDA-core instructions
-    and 2 MUFU (SFU) operations
-  C = 29 (P = Q = 32): 1728 MMA FLOPs, 27 activations = ~216 ALU + 54 MUFU per output
-    element.  An SM issues 16 MUFU/clk (sm_80..90) against 1024 (A100) - 2048 (H100)
-    dense fp16 MMA FLOPs/clk: 54 MUFU = 3.4 clk vs 1728 FLOPs = 0.8-1.7 clk, so at 29
-    channels the SFU work, not the tensor cores, bounds this kernel (2-4x); the ALU
-    work (~216/128 per clk = 1.7 clk) is of the same order.
-  C = 116 (P = Q = 128): 6912 MMA FLOPs (3.4-6.8 clk), 27 activations per output element
-    (since Q = P the prologue per output element does not grow with C): 3.4 clk MUFU --
-    balanced; at 87 channels (P = 96, Q = 128) 20 activations, 2.5 clk MUFU.
-  x2 upsampling: the same per output element (the prologue is per output-pixel tap).
-  stride 2: the same per output element, 8x fewer output elements.
-  1x1x1: 1 activation per input element (no tap overlap): the prologue is paid once.
-How this could be paid fewer times (left for later, issue 9): activate a (BM_d+2) x
-(BM_h+2) x (BM_w+2) halo brick once into shared memory and read the 27 shifted windows
-from there (27 -> (1 + 2/B)^3, ~1.4x for B = 8^3 bricks), or use one MUFU.TANH
-(silu(u) = u/2 * (1 + tanh(u/2))) instead of EX2 + RCP.
+Cin_pad = P, BLOCK_N = Q (padded Cout), per-SM issue rates: MUFU 16/clk on sm_80..90;
+dense fp16/bf16 MMA with fp32 accumulation 2048 (A100), 4096 (H100), 512 (RTX 4090,
+RTX 3060) FLOPs/clk; fp32 FFMA/FMUL 64 (A100) or 128 (sm_86/89/90) per clk:
+  tensor-core FLOPs      2 * 27 * P           (useful 2 * 27 * Cin)
+  prologue activations   27 * P / Q           (27 * P per output pixel, shared by Q channels)
+  each activation, compiled fp16/bf16 (SASS of the K loop, ``patchddm kernels --json``
+  "sass"/"mma_loop": per thread and iteration 8 activations = 8 MUFU.TANH, 16 FFMA,
+  8 FMUL, 4 F2FP packs): 1 MUFU + 3 fp32 CUDA-core instructions (+ 1/2 convert);
+  fp32 (and the interpreter) uses sigmoid: 2 MUFU (EX2, RCP) + ~12 CUDA-core instructions.
+  Cin = Cout = 29 (P = Q = 32): 1728 MMA FLOPs, 27 MUFU, ~95 ALU per output element:
+    MMA 0.84 clk (A100) / 0.42 (H100) / 3.4 (4090, 3060); MUFU 1.7 clk everywhere;
+    ALU 1.5 (A100) / 0.74 clk.  On A100/H100 the SFU, not the tensor cores, bounds
+    the 29-channel layers (2-4x); on the consumer cards the tensor cores do.
+  Cin = Cout = 116 (P = Q = 128): 6912 MMA FLOPs (3.4 / 1.7 / 13.5 clk) and still 27 MUFU
+    (1.7 clk): Q = P, so the prologue per output element does not grow with the width.
+  87 -> 116 (P = 96, Q = 128): 20 MUFU per output element.
+  x2 upsampling: the same per output element (the prologue is per output-pixel tap);
+  stride 2: the same per output element, 8x fewer output elements; 1x1x1: 1 activation
+  per input element, P / Q per output element (no tap overlap).
+How this could be paid fewer times (left for later, issue 9): activate a halo brick of
+(B+2)^3 pixels once into shared memory and read the 27 shifted windows from there
+(27 -> (1 + 2/B)^3 activations per input element, 1.95 for B = 8).
 
 Statistics: the per-(sample, group) mean/rstd come from the GroupNorm-SiLU statistics
 kernels (:func:`.gn_silu.statistics`: one read of x), so a block reads x twice
@@ -99,7 +100,9 @@ Tensor = torch.Tensor
 BLOCK_M_CUDA = 64
 BLOCK_M_INTERPRETED = 64
 MAX_BLOCK_N = 128
-NUM_WARPS_CUDA = 4
+# 8 warps: a [64, 128] fp32 accumulator is 32 registers per thread; with 4 warps the
+# fp16 Cout-128 tile needs 255 registers on sm_80 (182 with 8), fp32 (FMA dot) 255 either way.
+NUM_WARPS_CUDA = 8
 KERNEL_SIZES = (1, 3)
 
 
@@ -111,11 +114,14 @@ def _conv3d_fwd_kernel(X, SCALE, SHIFT, WT, CB, RES, Y,
                        srn, src, srd, srh, srw,
                        K: tl.constexpr, STRIDE: tl.constexpr, UPSAMPLE: tl.constexpr,
                        NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                       DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       DOT_FP32: tl.constexpr, FAST_SILU: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M output pixels, BLOCK_N output channels] tile of sample ``n``.
 
-    D, H, W are the sizes of x (the low-resolution source when UPSAMPLE)."""
+    D, H, W are the sizes of x (the low-resolution source when UPSAMPLE).  FAST_SILU
+    (compiled fp16/bf16 only): silu(u) = h + h*tanh(h), h = u/2, with one MUFU.TANH
+    (max relative error 2^-11, below the fp16/bf16 rounding of the GEMM operand)
+    instead of EX2 + a full-range division; the interpreter cannot run inline PTX."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n = tl.program_id(2)
@@ -163,8 +169,15 @@ def _conv3d_fwd_kernel(X, SCALE, SHIFT, WT, CB, RES, Y,
                 scale = tl.load(SCALE + n * Cin + c, mask=c_ok, other=0.0)
                 shift = tl.load(SHIFT + n * Cin + c, mask=c_ok, other=0.0)
                 u = a * scale[None, :] + shift[None, :]
+                if FAST_SILU:
+                    h = 0.5 * u
+                    th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h],
+                                                   dtype=tl.float32, is_pure=True, pack=1)
+                    act = h + h * th
+                else:
+                    act = u * sigmoid_(u)
                 # zero padding belongs to the activated tensor
-                a = tl.where(a_mask, u * sigmoid_(u), 0.0)
+                a = tl.where(a_mask, act, 0.0)
             b = tl.load(WT + (tap * Cin + c)[:, None] * Cout + co[None, :],
                         mask=c_ok[:, None] & co_ok[None, :], other=0.0)
             if DOT_FP32:
@@ -245,7 +258,7 @@ def conv_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], co
            cin, cout, *x.shape[2:], *shape[2:], *x.stride(), *y.stride(), *res.stride(),
            num_warps=NUM_WARPS_CUDA, K=k, STRIDE=stride, UPSAMPLE=upsample, NORM=norm,
            HAS_BIAS=conv_bias is not None, HAS_RES=residual is not None, DOT_FP32=dot_fp32,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k(cin))
+           FAST_SILU=not dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k(cin))
     return y
 
 
@@ -428,6 +441,8 @@ def _check_args(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, groups: int, 
         raise ValueError(f"{name}: conv_bias must have shape ({cout},), got {tuple(conv_bias.shape)}")
     if stride not in (1, 2):
         raise ValueError(f"{name}: stride must be 1 or 2, got {stride!r}")
+    if upsample and stride != 1:  # not a layer of the network, and not tested
+        raise ValueError(f"{name}: upsample=True needs stride 1, got stride {stride}")
     shape = output_shape(x.shape, cout, k, stride, upsample)
     if residual is not None and tuple(residual.shape) != shape:
         raise ValueError(f"{name}: residual must have the output's shape {shape}, got {tuple(residual.shape)}")
@@ -473,7 +488,7 @@ def aot_variants(dtypes: Sequence[str] = ("fp32", "fp16", "bf16")) -> List[Kerne
         for tag, k, stride, up, norm, res in kinds:
             for bn in sorted({block_n(c) for c in NETWORK_CHANNELS}):
                 consts = dict(K=k, STRIDE=stride, UPSAMPLE=up, NORM=norm, HAS_BIAS=True, HAS_RES=res,
-                              DOT_FP32=dt == "fp32", BLOCK_M=BLOCK_M_CUDA, BLOCK_N=bn,
+                              DOT_FP32=dt == "fp32", FAST_SILU=dt != "fp32", BLOCK_M=BLOCK_M_CUDA, BLOCK_N=bn,
                               BLOCK_K=block_k(max(NETWORK_CHANNELS)), sxc=1, syc=1, src=1)
                 types = dict(X=act, SCALE="*fp32", SHIFT="*fp32", WT=act if dt != "fp32" else "*fp32",
                              CB="*fp32", RES=act, Y=act)
