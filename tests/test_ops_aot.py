@@ -93,6 +93,7 @@ def test_variants_match_what_the_launchers_use():
     assert all(v.constexprs["BLOCK_M"] == fused_conv3d.BLOCK_M_CUDA and v.num_warps == fused_conv3d.NUM_WARPS_CUDA
                and v.constexprs["BLOCK_K"] == fused_conv3d.block_k(max(fused_conv3d.NETWORK_CHANNELS))
                for v in conv)
+    assert all(v.constexprs["BLOCK_K"] == 16 for v in fused_conv3d.aot_variants(("fp32",)))
 
 
 def test_bad_arguments_are_rejected():

@@ -207,9 +207,12 @@ def block_n(cout: int) -> int:
     return max(16, min(MAX_BLOCK_N, next_power_of_2(cout)))
 
 
-def block_k(cin: int) -> int:
-    """Input channels per GEMM step: 16 or 32 (29 -> 32, 87 -> 3 x 32, 116 -> 4 x 32)."""
-    return 16 if cin <= 16 else 32
+def block_k(cin: int, fp32: bool = False) -> int:
+    """Input channels per GEMM step, the same in the interpreter as on CUDA: 32 for
+    fp16/bf16 (29 -> 32, 87 -> 3 x 32, 116 -> 4 x 32); 16 for fp32 (the CUDA-core FMA dot),
+    whose [32, 128] fp32 operands would need 57 KB of shared memory (over 48 KB); 16 for
+    Cin <= 16."""
+    return 16 if cin <= 16 or fp32 else 32
 
 
 def empty_output(x: Tensor, shape: Sequence[int]) -> Tensor:
@@ -258,7 +261,7 @@ def conv_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], co
            cin, cout, *x.shape[2:], *shape[2:], *x.stride(), *y.stride(), *res.stride(),
            num_warps=NUM_WARPS_CUDA, K=k, STRIDE=stride, UPSAMPLE=upsample, NORM=norm,
            HAS_BIAS=conv_bias is not None, HAS_RES=residual is not None, DOT_FP32=dot_fp32,
-           FAST_SILU=not dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k(cin))
+           FAST_SILU=not dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k(cin, x.dtype == torch.float32))
     return y
 
 
@@ -489,7 +492,7 @@ def aot_variants(dtypes: Sequence[str] = ("fp32", "fp16", "bf16")) -> List[Kerne
             for bn in sorted({block_n(c) for c in NETWORK_CHANNELS}):
                 consts = dict(K=k, STRIDE=stride, UPSAMPLE=up, NORM=norm, HAS_BIAS=True, HAS_RES=res,
                               DOT_FP32=dt == "fp32", FAST_SILU=dt != "fp32", BLOCK_M=BLOCK_M_CUDA, BLOCK_N=bn,
-                              BLOCK_K=block_k(max(NETWORK_CHANNELS)), sxc=1, syc=1, src=1)
+                              BLOCK_K=block_k(max(NETWORK_CHANNELS), dt == "fp32"), sxc=1, syc=1, src=1)
                 types = dict(X=act, SCALE="*fp32", SHIFT="*fp32", WT=act if dt != "fp32" else "*fp32",
                              CB="*fp32", RES=act, Y=act)
                 out.append(KernelVariant(f"gn_silu_conv3d[{dt},{tag},n{bn}]", _conv3d_fwd_kernel,
