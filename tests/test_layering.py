@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and the layers below, never above):
 
     0 core          foundations: validation, paths, devices, locks, errors, atomic files
-    1 kernels, data custom ops (no nn.Module); phantoms, NIfTI, patches, regions, cache
+    1 kernels, ops, data  custom ops (no nn.Module) and their public face; phantoms, NIfTI, patches, regions, cache
     2 model         the U-Net, its ops backend, conditioning, execution policy (recompute, offload, tiled)
     3 diffusion, eval   schedule, samplers, the one train/eval step; metrics and figures
     4 training, sampling   the run configuration, the trainer and checkpoints; whole-volume segmentation
@@ -24,7 +24,7 @@ from typing import Dict, List, Set, Tuple
 PACKAGE = Path(__file__).resolve().parents[1] / "patchddm_fast"
 
 LAYERS: Dict[str, int] = {
-    "core": 0, "kernels": 1, "data": 1, "model": 2, "diffusion": 3, "eval": 3,
+    "core": 0, "kernels": 1, "ops": 1, "data": 1, "model": 2, "diffusion": 3, "eval": 3,
     "training": 4, "sampling": 4, "analysis": 5, "cli": 6, "__init__": 7, "__main__": 7,
 }
 

@@ -16,12 +16,14 @@ import pytest
 from patchddm_fast.cli import kernels as kernels_cmd
 from patchddm_fast.kernels import aot
 from patchddm_fast.kernels import average_skip
+from patchddm_fast.kernels import fused_conv3d
 from patchddm_fast.kernels import gn_silu
 
 ARCHS = {"sm_80", "sm_86", "sm_89", "sm_90"}
 KERNEL_FUNCTIONS = {
     "_gn_stats_kernel", "_gn_combine_kernel", "_gn_silu_fwd_kernel", "_gn_silu_bwd_reduce_kernel",
     "_gn_silu_bwd_finalize_kernel", "_gn_silu_bwd_dx_kernel", "_skip_combine_kernel",
+    "_conv3d_fwd_kernel",
 }
 
 
@@ -51,6 +53,9 @@ def test_every_kernel_compiles_for_all_four_archs(report):
     assert set(by_name) == {v.name for v in aot.all_variants()}
     for dt in ("fp32", "fp16", "bf16"):
         assert any(f"[{dt},cl," in n for n in by_name) and any(f"[{dt},cf," in n for n in by_name)
+    conv = {n for n in by_name if "conv" in n}  # issue 9: the conv kernels' names contain "conv"
+    for kind in ("k3s1", "k3s2", "k3s1_up", "k3s1_res", "k1s1"):
+        assert any(f",{kind}," in n for n in conv), kind
 
 
 def test_no_spills_and_plausible_resources(report):
@@ -83,6 +88,12 @@ def test_variants_match_what_the_launchers_use():
                                     and v.constexprs["G_TILE"] == t.g_tile
                                     and v.num_warps == t.num_warps for v in matching)
     assert [v.constexprs["BLOCK"] for v in average_skip.aot_variants()] == [average_skip.BLOCK_CUDA] * 3
+    conv = fused_conv3d.aot_variants(("fp16",))
+    assert {v.constexprs["BLOCK_N"] for v in conv} == {fused_conv3d.block_n(c) for c in fused_conv3d.NETWORK_CHANNELS}
+    assert all(v.constexprs["BLOCK_M"] == fused_conv3d.BLOCK_M_CUDA and v.num_warps == fused_conv3d.NUM_WARPS_CUDA
+               and v.constexprs["BLOCK_K"] == fused_conv3d.block_k(max(fused_conv3d.NETWORK_CHANNELS))
+               for v in conv)
+    assert all(v.constexprs["BLOCK_K"] == 16 for v in fused_conv3d.aot_variants(("fp32",)))
 
 
 def test_bad_arguments_are_rejected():

@@ -14,7 +14,12 @@ Public entry points:
 * :func:`group_norm_silu` -- ``SiLU(GroupNorm(x + bias_in))`` saving only x and
   per-group statistics for backward (``patchddm::gn_silu_fwd`` / ``gn_silu_bwd``);
 * :func:`average_skip_` -- in-place ``h <- (h + skip) / 2`` (``patchddm::average_skip_``);
-* :func:`residual_add_` -- in-place ``h <- h + skip`` (``patchddm::residual_add_``).
+* :func:`residual_add_` -- in-place ``h <- h + skip`` (``patchddm::residual_add_``);
+* :func:`gn_silu_conv3d` -- ``conv3d(up(SiLU(GroupNorm(x + bias_in)))) (+ residual)`` as one
+  Triton implicit-GEMM convolution with the norm/upsampling as prologues
+  (``patchddm::gn_silu_conv3d_fwd`` / ``_bwd``, :mod:`.fused_conv3d`).
+
+:mod:`patchddm_fast.ops` re-exports these under their stable public names.
 
 Each op has one schema and one kernel per device: CUDA runs Triton; CPU runs the C++
 kernels (registered for the schema's CPU key), the composite, or -- for testing the real
@@ -27,11 +32,13 @@ under FakeTensorMode and ``torch.compile``, and the memory simulator counts them
 from .average_skip import average_skip_, residual_add_
 from .backends import CPU_BACKENDS, cpu_backend, get_cpu_backend, resolve_cpu_backend, set_cpu_backend
 from .gn_silu import group_norm_silu
+from .fused_conv3d import gn_silu_conv3d
 
 __all__ = [
     "group_norm_silu",
     "average_skip_",
     "residual_add_",
+    "gn_silu_conv3d",
     "CPU_BACKENDS",
     "set_cpu_backend",
     "get_cpu_backend",

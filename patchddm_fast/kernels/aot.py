@@ -19,13 +19,23 @@ import subprocess
 import tempfile
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from . import average_skip, gn_silu
+from . import average_skip, fused_conv3d, gn_silu
 from ._triton import KernelVariant
 
 ARCHS = (80, 86, 89, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("cf", "cl")
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+# One SASS instruction: /*addr*/ [@predicate] OPCODE[.modifiers] operands
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?([^;]*);")
+# Instruction classes of the cost model: tensor core, fp32 CUDA core, SFU, memory.
+SASS_CLASSES = {
+    "mma": ("HMMA", "HGMMA", "IMMA"),
+    "ffma": ("FFMA",), "fmul": ("FMUL",), "fadd": ("FADD",),
+    "fp_other": ("FSEL", "FSETP", "FMNMX", "F2FP", "F2F", "FCHK"),
+    "mufu": ("MUFU",),
+    "global": ("LDG", "STG"), "shared": ("LDS", "STS", "LDSM"),
+}
 
 
 def all_variants(dtypes: Sequence[str] = DTYPES, layouts: Sequence[str] = LAYOUTS
@@ -37,7 +47,10 @@ def all_variants(dtypes: Sequence[str] = DTYPES, layouts: Sequence[str] = LAYOUT
     for layout in layouts:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-    return gn_silu.aot_variants(dtypes, layouts) + average_skip.aot_variants(dtypes)
+    # The fused convolution addresses any strides; its variants are the channels-last ones
+    # the network runs, listed once whatever ``layouts`` says.  Their names contain "conv".
+    return (gn_silu.aot_variants(dtypes, layouts) + average_skip.aot_variants(dtypes)
+            + fused_conv3d.aot_variants(dtypes))
 
 
 def cuobjdump_path() -> str:
@@ -68,6 +81,43 @@ def resource_usage(cubin: bytes, function: str) -> Dict[str, int]:
     raise RuntimeError(f"cuobjdump reported no resource usage for {function!r}:\n{out}")
 
 
+def _classify(ops: Sequence[str]) -> Dict[str, int]:
+    counts = {name: 0 for name in SASS_CLASSES}
+    for op in ops:
+        for name, opcodes in SASS_CLASSES.items():
+            if op in opcodes:
+                counts[name] += 1
+    counts["total"] = len(ops)
+    return counts
+
+
+def instruction_mix(cubin: bytes) -> Dict[str, object]:
+    """Static SASS instruction counts per class (:data:`SASS_CLASSES`) of the one kernel in
+    ``cubin``: ``kernel`` over all its code and ``mma_loop`` over the innermost loop that
+    issues tensor-core instructions (the GEMM's K loop: one iteration is one [BLOCK_M,
+    BLOCK_N, BLOCK_K] step per warp group; None for kernels without MMA).  Counts are per
+    thread (SASS is per-thread code) and static: the loop body runs once per iteration."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([cuobjdump_path(), "-sass", path], check=True, capture_output=True,
+                             text=True).stdout
+    finally:
+        os.unlink(path)
+    code = [(int(a, 16), op, rest) for a, op, _mod, rest in _SASS.findall(out)]
+    loop = None
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue  # not a backward branch
+        body = [o for a, o, _ in code if int(target.group(1), 16) <= a <= addr]
+        if any(o in SASS_CLASSES["mma"] for o in body) and (loop is None or len(body) < len(loop)):
+            loop = body
+    return {"kernel": _classify([op for _, op, _ in code]),
+            "mma_loop": None if loop is None else _classify(loop)}
+
+
 def compile_variant(variant: KernelVariant, arch: int) -> Dict[str, object]:
     """Compile ``variant`` for sm_``arch`` and report its resources (a JSON-able dict)."""
     import triton
@@ -88,6 +138,7 @@ def compile_variant(variant: KernelVariant, arch: int) -> Dict[str, object]:
         "stack_bytes": usage["stack"],
         "shared_bytes": int(compiled.metadata.shared) + usage["static_shared"],
         "num_warps": variant.num_warps,
+        "sass": instruction_mix(compiled.asm["cubin"]),
     }
 
 

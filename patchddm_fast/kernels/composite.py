@@ -51,22 +51,36 @@ def _expand_groups(t: Tensor, cpg: int) -> Tensor:
     return t.repeat_interleave(cpg, dim=1)
 
 
-def gn_silu_forward(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], groups: int,
-                    eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Composite forward: ``(y, mean, rstd)``; y like x (dtype, layout), stats float32 (N, groups)."""
+def gn_statistics(x: Tensor, bias_in: Optional[Tensor], groups: int, eps: float
+                  ) -> Tuple[Tensor, Tensor]:
+    """Per-(sample, group) ``(mean, rstd)`` of ``x + bias_in`` in the compute dtype (fp32, fp64
+    for fp64 inputs); two-pass variance, no E[z^2]-E[z]^2 cancellation."""
+    n = x.shape[0]
+    zg = _pre_norm(x, bias_in, _compute_dtype(x)).reshape(n, groups, -1)
+    mean = zg.mean(dim=-1)
+    var = (zg - mean[..., None]).square().mean(dim=-1)
+    return mean, (var + eps).rsqrt()
+
+
+def gn_silu_apply(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], mean: Tensor,
+                  rstd: Tensor, groups: int) -> Tensor:
+    """``silu(GN(x + bias_in))`` from given statistics, in the compute dtype, x's shape (any layout)."""
     n, c = x.shape[:2]
     dt = _compute_dtype(x)
     z = _pre_norm(x, bias_in, dt)
-    zg = z.reshape(n, groups, -1)
-    mean = zg.mean(dim=-1)
-    var = (zg - mean[..., None]).square().mean(dim=-1)  # two-pass: no E[z^2]-E[z]^2 cancellation
-    rstd = (var + eps).rsqrt()
     cpg = c // groups
-    scale = _expand_groups(rstd, cpg) * weight.to(dt)
-    u = (z - _per_channel(_expand_groups(mean, cpg), x.dim())) * _per_channel(scale, x.dim()) \
+    scale = _expand_groups(rstd.to(dt), cpg) * weight.to(dt)
+    u = (z - _per_channel(_expand_groups(mean.to(dt), cpg), x.dim())) * _per_channel(scale, x.dim()) \
         + _per_channel(bias.to(dt).expand(n, c), x.dim())
+    return F.silu(u)
+
+
+def gn_silu_forward(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], groups: int,
+                    eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Composite forward: ``(y, mean, rstd)``; y like x (dtype, layout), stats float32 (N, groups)."""
+    mean, rstd = gn_statistics(x, bias_in, groups, eps)
     y = empty_in_layout(x)
-    y.copy_(F.silu(u))
+    y.copy_(gn_silu_apply(x, weight, bias, bias_in, mean, rstd, groups))
     return y, mean.float(), rstd.float()
 
 

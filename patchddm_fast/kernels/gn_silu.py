@@ -418,32 +418,52 @@ def _tile_constexprs(p: Plan, has_bias_in: bool) -> dict:
 
 
 # --------------------------------------------------------------------------- launchers
+def statistics(x: Tensor, bias_in: Optional[Tensor], groups: int, eps: float
+               ) -> Tuple[Tensor, Tensor]:
+    """Triton statistics: float32 ``(mean, rstd)`` (N, groups) of ``x + bias_in`` (kernels 1, 2).
+
+    Also the statistics pass of the fused convolution's GroupNorm-SiLU prologue
+    (:mod:`.fused_conv3d`)."""
+    x = in_kernel_layout(x)
+    p = make_plan(x, groups)
+    dev, f32 = x.device, torch.float32
+    has_bias_in = bias_in is not None
+    bias_in_arg = bias_in.contiguous() if has_bias_in else x  # dummy pointer, never read
+    partial = [fresh(torch.empty((p.n, groups, p.num_chunks), dtype=f32, device=dev))
+               for _ in range(3)]
+    mean = fresh(torch.empty((p.n, groups), dtype=f32, device=dev))
+    rstd = fresh(torch.empty((p.n, groups), dtype=f32, device=dev))
+    launch(_gn_stats_kernel, p.grid, dev, x, bias_in_arg, partial[0], partial[1], partial[2],
+           p.c, p.s, p.chunk_len, p.num_chunks, groups, p.cpg, num_warps=p.tile.num_warps,
+           **_tile_constexprs(p, has_bias_in))
+    launch(_gn_combine_kernel, (p.n * groups,), dev, partial[0], partial[1], partial[2],
+           mean, rstd, p.num_chunks, float(eps), num_warps=2, BLOCK_K=BLOCK_K)
+    return mean, rstd
+
+
+def apply(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], mean: Tensor,
+          rstd: Tensor, groups: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Triton ``silu(GN(x + bias_in))`` from given statistics (kernel 3), in x's layout and
+    ``dtype`` (default x.dtype; the conv backward recomputes its input with it in fp32)."""
+    x = in_kernel_layout(x)
+    p = make_plan(x, groups)
+    has_bias_in = bias_in is not None
+    bias_in_arg = bias_in.contiguous() if has_bias_in else x  # dummy pointer, never read
+    y = fresh(empty_in_layout(x, dtype))
+    launch(_gn_silu_fwd_kernel, p.grid, x.device, x, y, weight.contiguous(), bias.contiguous(),
+           bias_in_arg, mean.contiguous(), rstd.contiguous(), p.c, p.s, p.chunk_len, groups, p.cpg,
+           num_warps=p.tile.num_warps, **_tile_constexprs(p, has_bias_in))
+    return y
+
+
 def forward(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], groups: int,
             eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Triton forward: ``(y, mean, rstd)``; y like x (dtype, layout), stats float32 (N, groups).
 
     Runs the compiled kernels for CUDA tensors and the interpreter for CPU tensors.
     """
-    x = in_kernel_layout(x)
-    p = make_plan(x, groups)
-    dev, f32 = x.device, torch.float32
-    has_bias_in = bias_in is not None
-    bias_in_arg = bias_in.contiguous() if has_bias_in else x  # dummy pointer, never read
-    weight, bias = weight.contiguous(), bias.contiguous()
-    partial = [fresh(torch.empty((p.n, groups, p.num_chunks), dtype=f32, device=dev))
-               for _ in range(3)]
-    mean = fresh(torch.empty((p.n, groups), dtype=f32, device=dev))
-    rstd = fresh(torch.empty((p.n, groups), dtype=f32, device=dev))
-    y = fresh(empty_in_layout(x))
-    grid = p.grid
-    consts = _tile_constexprs(p, has_bias_in)
-    launch(_gn_stats_kernel, grid, dev, x, bias_in_arg, partial[0], partial[1], partial[2],
-           p.c, p.s, p.chunk_len, p.num_chunks, groups, p.cpg, num_warps=p.tile.num_warps, **consts)
-    launch(_gn_combine_kernel, (p.n * groups,), dev, partial[0], partial[1], partial[2],
-           mean, rstd, p.num_chunks, float(eps), num_warps=2, BLOCK_K=BLOCK_K)
-    launch(_gn_silu_fwd_kernel, grid, dev, x, y, weight, bias, bias_in_arg, mean, rstd,
-           p.c, p.s, p.chunk_len, groups, p.cpg, num_warps=p.tile.num_warps, **consts)
-    return y, mean, rstd
+    mean, rstd = statistics(x, bias_in, groups, eps)
+    return apply(x, weight, bias, bias_in, mean, rstd, groups), mean, rstd
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor],
