@@ -78,7 +78,7 @@ def backward_profile(preset: str = "patchddm", size: int = 128,
     Traced on the meta device (no memory, no data); a module's share is its FLOPs
     (2 x MACs of its convolution / linear layer) over the network's."""
     with torch.device("meta"):
-        model = UNet3D.from_method(preset, ops="reference", **(model_kwargs or {}))
+        model = UNet3D.from_method(preset, **(model_kwargs or {}))  # reference ops: the default policy
     order: List[Tuple[torch.nn.Module, float]] = []
 
     def hook(module, inputs, output):
