@@ -63,16 +63,26 @@ def gn_statistics(x: Tensor, bias_in: Optional[Tensor], groups: int, eps: float
 
 
 def gn_silu_apply(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], mean: Tensor,
-                  rstd: Tensor, groups: int) -> Tensor:
-    """``silu(GN(x + bias_in))`` from given statistics, in the compute dtype, x's shape (any layout)."""
+                  rstd: Tensor, groups: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``silu(GN(x + bias_in))`` from given per-(sample, group) ``mean``/``rstd``, x's shape and
+    layout, in ``out_dtype`` (default: the compute dtype, fp32 or fp64 for fp64 inputs).
+
+    The one home of "apply GroupNorm-SiLU from statistics": the composite op, the fused
+    convolution's CPU path and the slab-wise inference executor (one depth slab at a time) all
+    call it.  It computes in a single compute-dtype copy of ``x``, in place, so a slab costs one
+    buffer (the executor's memory depends on that).
+    """
     n, c = x.shape[:2]
     dt = _compute_dtype(x)
-    z = _pre_norm(x, bias_in, dt)
-    cpg = c // groups
-    scale = _expand_groups(rstd.to(dt), cpg) * weight.to(dt)
-    u = (z - _per_channel(_expand_groups(mean.to(dt), cpg), x.dim())) * _per_channel(scale, x.dim()) \
-        + _per_channel(bias.to(dt).expand(n, c), x.dim())
-    return F.silu(u)
+    spatial = (1,) * (x.dim() - 2)
+    s = x.to(dt, copy=True)  # the one buffer; everything below is in place
+    if bias_in is not None:
+        s.add_(_per_channel(bias_in.to(dt), x.dim()))
+    grouped = s.unflatten(1, (groups, c // groups))  # a view in any memory layout
+    grouped.sub_(mean.to(dt).reshape(n, groups, 1, *spatial)).mul_(rstd.to(dt).reshape(n, groups, 1, *spatial))
+    s.mul_(weight.to(dt).reshape(1, c, *spatial)).add_(bias.to(dt).reshape(1, c, *spatial))
+    y = F.silu(s, inplace=True)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gn_silu_forward(x: Tensor, weight: Tensor, bias: Tensor, bias_in: Optional[Tensor], groups: int,

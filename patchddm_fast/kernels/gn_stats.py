@@ -1,25 +1,20 @@
-"""GroupNorm-SiLU split in two: statistics gathered slab by slab, then applied per slab.
+"""GroupNorm statistics gathered slab by slab.
 
 The fused op (:mod:`.gn_silu`) normalises a whole tensor in one call.  The low-memory
 inference executor (:mod:`patchddm_fast.model.execution.tiled`) cannot: it never holds the
-activated tensor whole, so it needs the per-(sample, group) statistics first and then
-``SiLU(GN(x))`` for one depth slab at a time.  This module is that pair, as plain tensor
-math (no ``nn.Module``: weight, bias and the group count are passed in).
+activated tensor whole, so it needs the per-(sample, group) statistics first and then applies
+``SiLU(GN(x))`` one depth slab at a time with :func:`.composite.gn_silu_apply` (the one home
+of "apply from statistics").
 
-* :func:`group_stats` -- mean and ``1/sqrt(var + eps)`` in fp32, combining per-slab mean
-  and M2 with Chan et al.'s parallel formula (stable; no ``E[x^2] - E[x]^2``).
-* :func:`norm_act` -- ``SiLU(GN(x + bias_in))`` of one slab from those statistics, computed
-  in one fp32 buffer in place.
-
-Numerically this equals ``F.group_norm`` + ``F.silu`` up to summation order (fp32 results
-agree to ~1e-6).  It is a no-grad path: nothing here is differentiable by design.
+:func:`group_stats` -- mean and ``1/sqrt(var + eps)`` in fp32, combining per-slab mean and M2
+with Chan et al.'s parallel formula (stable; no ``E[x^2] - E[x]^2``).  Numerically this equals
+``F.group_norm``'s statistics up to summation order.  A no-grad path, by design.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 GroupStats = Tuple[torch.Tensor, torch.Tensor]
 
@@ -49,18 +44,3 @@ def group_stats(x: torch.Tensor, groups: int, bias_in: Optional[torch.Tensor], e
             count = tot
     var = m2 / count
     return mean, torch.rsqrt(var + eps)
-
-
-def norm_act(xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, stats: GroupStats,
-             bias_in: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """SiLU(GN(xs + bias_in)) for one slab ``xs`` with precomputed :func:`group_stats` (fp32
-    math, result in ``out_dtype``)."""
-    mean, rstd = stats
-    n, c = xs.shape[:2]
-    s = xs.to(torch.float32, copy=True)  # the one fp32 slab buffer; everything below is in place
-    if bias_in is not None:
-        s.add_(bias_in.float().reshape(n, c, 1, 1, 1))
-    grouped = s.view((n, groups, c // groups) + tuple(xs.shape[2:]))
-    grouped.sub_(mean.reshape(n, groups, 1, 1, 1, 1)).mul_(rstd.reshape(n, groups, 1, 1, 1, 1))
-    s.mul_(weight.float().reshape(1, c, 1, 1, 1)).add_(bias.float().reshape(1, c, 1, 1, 1))
-    return F.silu(s, inplace=True).to(out_dtype)

@@ -33,7 +33,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from patchddm_fast.kernels.gn_stats import group_stats, norm_act
+from patchddm_fast.kernels.composite import gn_silu_apply
+from patchddm_fast.kernels.gn_stats import group_stats
 from patchddm_fast.model import backend
 from patchddm_fast.model.execution.recompute import conv_as_module
 from patchddm_fast.model.execution.skips import OffloadedSkips, SkipStack
@@ -84,7 +85,7 @@ def norm_act_conv(x: torch.Tensor, norm, conv, rows: int, bias_in: Optional[torc
             window = torch.cat([halo if inplace else x[:, :, lo:d0], window], dim=2)
         if inplace:
             halo = x[:, :, d1 - 1:d1].clone()
-        a = norm_act(window, norm.weight, norm.bias, groups, stats, bias_in, x.dtype)
+        a = gn_silu_apply(window, norm.weight, norm.bias, bias_in, *stats, groups, out_dtype=x.dtype)
         y = _conv_window(conv, a, int(d0 == 0), int(d1 == depth), dtype)
         del a, window
         out[:, :, d0:d1].copy_(y)
