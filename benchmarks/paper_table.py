@@ -37,13 +37,13 @@ TARGETS: List[Tuple[str, str, str, float, str]] = [
 _METHOD_NAMES = {"fullres": "FullRes", "halfres": "HalfRes", "patchddm": "PatchDDM"}
 
 
-def row(preset: str, mode: str, label: str, report: MemoryReport) -> Dict[str, Any]:
+def row(method: str, mode: str, label: str, report: MemoryReport) -> Dict[str, Any]:
     """One JSON-ready result row."""
     return dict(
-        preset=preset, mode=mode, config=label, size=report.size, settings=report.settings,
+        method=method, mode=mode, config=label, size=report.size, settings=report.settings,
         live_gb=report.peak_allocated_bytes / GB, reserved_gb=report.peak_reserved_bytes / GB,
         process_gb=report.peak_process_bytes / GB, host_gb=report.peak_host_bytes / GB,
-        paper_gb=PAPER_FIGURES[preset][f"{mode}_gb"], peak_where=report.peak_where,
+        paper_gb=PAPER_FIGURES[method][f"{mode}_gb"], peak_where=report.peak_where,
         breakdown_gb={k: v / GB for k, v in report.breakdown.items()},
         top_allocations=[(w, b / GB) for w, b in report.top_allocations[:4]],
         recompute_fraction=report.recompute_fraction, simulated_seconds=report.simulated_seconds,
@@ -60,19 +60,19 @@ def memory_markdown(rows: Sequence[Dict[str, Any]]) -> str:
                    "(GB = 10^9 bytes; each cell: live-tensor peak / allocator reserved + CUDA context)\n")
         out.append("| method | size | paper's figure | " + " | ".join(cols) + " |")
         out.append("|---|---|---|" + "---|" * len(cols))
-        for preset in ("fullres", "halfres", "patchddm"):
-            cells = {r["config"]: r for r in rows if r["preset"] == preset and r["mode"] == mode}
+        for method in ("fullres", "halfres", "patchddm"):
+            cells = {r["config"]: r for r in rows if r["method"] == method and r["mode"] == mode}
             if not cells:
                 continue
             size = next(iter(cells.values()))["size"]
             vals = [f"{cells[c]['live_gb']:.2f} / {cells[c]['process_gb']:.2f}" if c in cells else "-" for c in cols]
-            out.append(f"| {_METHOD_NAMES[preset]} | {size}^3 | {PAPER_FIGURES[preset][mode + '_gb']:.1f} | "
+            out.append(f"| {_METHOD_NAMES[method]} | {size}^3 | {PAPER_FIGURES[method][mode + '_gb']:.1f} | "
                        + " | ".join(vals) + " |")
     out.append("\n**Targets** (live-tensor peak)\n")
     out.append("| target | configuration | reached | limit | met |")
     out.append("|---|---|---|---|---|")
-    for preset, mode, label, limit, text in TARGETS:
-        r = next((r for r in rows if (r["preset"], r["mode"], r["config"]) == (preset, mode, label)), None)
+    for method, mode, label, limit, text in TARGETS:
+        r = next((r for r in rows if (r["method"], r["mode"], r["config"]) == (method, mode, label)), None)
         if r is not None:
             out.append(f"| {text} | {label} | {r['live_gb']:.2f} GB | {limit:.1f} GB | "
                        f"{'yes' if r['live_gb'] <= limit else 'NO'} |")
@@ -81,17 +81,17 @@ def memory_markdown(rows: Sequence[Dict[str, Any]]) -> str:
 
 def explanation(rows: Sequence[Dict[str, Any]]) -> str:
     """Why the paper recipe's simulated numbers differ from the paper's table, with the numbers."""
-    def get(preset, mode, label="paper"):
-        return next((r for r in rows if (r["preset"], r["mode"], r["config"]) == (preset, mode, label)), None)
+    def get(method, mode, label="paper"):
+        return next((r for r in rows if (r["method"], r["mode"], r["config"]) == (method, mode, label)), None)
 
     lines = ["\n**Reading the paper column.** The paper recipe is simulated as its reference code runs: fp16 "
              "autocast, GroupNorm32 (x.float() -> GN -> fp16) followed by nn.SiLU in fp16, fp32 no-grad inference. "
              "The paper does not say how it read memory. Its figures exceed the live-tensor count by:"]
-    for preset in ("fullres", "halfres", "patchddm"):
+    for method in ("fullres", "halfres", "patchddm"):
         for mode in ("train", "sample"):
-            r = get(preset, mode)
+            r = get(method, mode)
             if r:
-                lines.append(f"- {_METHOD_NAMES[preset]} {mode} {r['size']}^3: paper {r['paper_gb']:.1f} GB, live "
+                lines.append(f"- {_METHOD_NAMES[method]} {mode} {r['size']}^3: paper {r['paper_gb']:.1f} GB, live "
                              f"{r['live_gb']:.1f} GB, reserved+context {r['process_gb']:.1f} GB -> "
                              f"{r['paper_gb'] - r['process_gb']:+.1f} GB unexplained by tensors")
     gaps: Dict[int, List[float]] = {}
@@ -126,24 +126,24 @@ def write_chart(rows: Sequence[Dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
     for ax, mode in zip(axes, ("train", "sample")):
         cols = [c[0] for c in CONFIGS[mode]]
-        presets = [p for p in ("fullres", "halfres", "patchddm") if any(r["preset"] == p and r["mode"] == mode for r in rows)]
+        methods = [p for p in ("fullres", "halfres", "patchddm") if any(r["method"] == p and r["mode"] == mode for r in rows)]
         width = 0.8 / len(cols)
         for j, label in enumerate(cols):
             xs, ys = [], []
-            for i, preset in enumerate(presets):
-                r = next((r for r in rows if (r["preset"], r["mode"], r["config"]) == (preset, mode, label)), None)
+            for i, method in enumerate(methods):
+                r = next((r for r in rows if (r["method"], r["mode"], r["config"]) == (method, mode, label)), None)
                 if r is not None:
                     xs.append(i + (j - (len(cols) - 1) / 2) * width)
                     ys.append(r["live_gb"])
             bars = ax.bar(xs, ys, width, label=label)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        for i, p in enumerate(presets):
+        for i, p in enumerate(methods):
             y = PAPER_FIGURES[p][mode + "_gb"]
             ax.hlines(y, i - 0.42, i + 0.42, colors="black", linestyles="--", zorder=5,
                       label="paper's figure" if i == 0 else None)
             ax.annotate(f"paper {y:g}", (i + 0.42, y), fontsize=7, ha="right", va="bottom")
-        ax.set_xticks(range(len(presets)))
-        ax.set_xticklabels([f"{_METHOD_NAMES[p]} {PAPER_SIZES[(p, mode)]}^3" for p in presets])
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([f"{_METHOD_NAMES[p]} {PAPER_SIZES[(p, mode)]}^3" for p in methods])
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

@@ -22,21 +22,21 @@ except ImportError:
 from patchddm_fast.analysis import simulate  # noqa: E402
 from patchddm_fast.analysis.profiling import measure  # noqa: E402
 
-# (preset, mode, size): the paper's PatchDDM training patch and its whole-volume inference.
+# (method, mode, size): the paper's PatchDDM training patch and its whole-volume inference.
 CASES = [("patchddm", "train", 128), ("patchddm", "sample", 256), ("halfres", "train", 128)]
 RECIPES = [("paper", {}), ("engine", {})]
 
 
 @pytest.mark.parametrize("recipe,over", RECIPES, ids=[r for r, _ in RECIPES])
-@pytest.mark.parametrize("preset,mode,size", CASES, ids=[f"{p}-{m}-{s}" for p, m, s in CASES])
-def test_gpu_memory_and_time(benchmark, bench_results, preset, mode, size, recipe, over):
+@pytest.mark.parametrize("method,mode,size", CASES, ids=[f"{p}-{m}-{s}" for p, m, s in CASES])
+def test_gpu_memory_and_time(benchmark, bench_results, method, mode, size, recipe, over):
     torch.cuda.empty_cache()
-    result = benchmark.pedantic(lambda: measure(preset, mode, size=size, recipe=recipe, steps=3, sampling_steps=3, **over),
+    result = benchmark.pedantic(lambda: measure(method, mode, size=size, recipe=recipe, steps=3, sampling_steps=3, **over),
                                 rounds=1, iterations=1)
     s = result["settings"]
-    predicted = simulate(preset, mode, size=size, recipe=recipe, precision=s["precision"], checkpoint=s["checkpoint"],
+    predicted = simulate(method, mode, size=size, recipe=recipe, precision=s["precision"], checkpoint=s["checkpoint"],
                          offload=s["offload"], ops=s["ops"], tiled=s["tiled"])
-    row = dict(workload=f"{preset} {mode} {size}^3", recipe=recipe, seconds=result["seconds_per_iteration"],
+    row = dict(workload=f"{method} {mode} {size}^3", recipe=recipe, seconds=result["seconds_per_iteration"],
                max_allocated_gb=result["max_memory_allocated"] / GB, max_reserved_gb=result["max_memory_reserved"] / GB,
                nvml_gb=result["nvml_peak_bytes"] / GB, predicted_allocated_gb=predicted.peak_allocated_rounded_bytes / GB,
                predicted_reserved_gb=predicted.peak_reserved_bytes / GB, device=result["device"], settings=s)

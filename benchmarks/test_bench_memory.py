@@ -14,21 +14,21 @@ from patchddm_fast.analysis import simulate
 from paper_table import CONFIGS, PAPER_SIZES, row
 from patchddm_fast.analysis.simulate import _simulate_cached
 
-CASES = [(preset, mode, label, recipe, over)
-         for preset in ("fullres", "halfres", "patchddm")
+CASES = [(method, mode, label, recipe, over)
+         for method in ("fullres", "halfres", "patchddm")
          for mode in ("train", "sample")
          for label, recipe, over in CONFIGS[mode]]
 
 
-@pytest.mark.parametrize("preset,mode,label,recipe,over", CASES,
+@pytest.mark.parametrize("method,mode,label,recipe,over", CASES,
                          ids=[f"{p}-{m}-{lab.replace(' ', '_')}" for p, m, lab, _, _ in CASES])
-def test_simulated_memory(benchmark, bench_results, preset, mode, label, recipe, over):
+def test_simulated_memory(benchmark, bench_results, method, mode, label, recipe, over):
     def run():
         _simulate_cached.cache_clear()  # time a real simulation, not the cache
-        return simulate(preset, mode, size=PAPER_SIZES[(preset, mode)], recipe=recipe, **over)
+        return simulate(method, mode, size=PAPER_SIZES[(method, mode)], recipe=recipe, **over)
 
     report = benchmark.pedantic(run, rounds=1, iterations=1)
-    r = row(preset, mode, label, report)
+    r = row(method, mode, label, report)
     benchmark.extra_info.update({k: v for k, v in r.items() if k != "top_allocations"})
     bench_results["memory"].append(r)
     assert report.peak_allocated_bytes > report.totals["weights"]

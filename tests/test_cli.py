@@ -31,10 +31,10 @@ def test_every_command_module_is_registered():
 
 
 def test_memory_and_plan_through_the_cli(capsys):
-    assert main(["memory", "--preset", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
+    assert main(["memory", "--method", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["size"] == 64 and report["peak_allocated_bytes"] > 0
-    assert main(["plan", "--gpu-memory", "40GB", "--preset", "halfres", "--mode", "sample", "--size", "64"]) == 0
+    assert main(["plan", "--gpu-memory", "40GB", "--method", "halfres", "--mode", "sample", "--size", "64"]) == 0
     assert "settings:" in capsys.readouterr().out
 
 

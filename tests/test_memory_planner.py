@@ -26,7 +26,7 @@ def _process(checkpoint, size=64):
 def test_choice_fits_and_nothing_faster_does():
     # A budget between what "none" and "selective" need forces the planner past "none".
     budget = (_process("none") + _process("selective")) // 2
-    p = plan(budget, preset="patchddm", mode="train", headroom=0.0, patch_sizes=(64, 32), model_kwargs=TINY)
+    p = plan(budget, method="patchddm", mode="train", headroom=0.0, patch_sizes=(64, 32), model_kwargs=TINY)
     assert p.fits and set(p.settings) == SETTINGS_KEYS
     assert p.settings["checkpoint"] != "none" and p.settings["patch_size"] == 64
     assert fits_budget(p.report, budget, headroom=0.0)[0]
@@ -37,7 +37,7 @@ def test_choice_fits_and_nothing_faster_does():
 
 
 def test_nothing_fits_reports_the_smallest_need():
-    p = plan(CUDA_CONTEXT_BYTES + 1 * MiB, preset="patchddm", mode="sample", headroom=0.0, model_kwargs=TINY, size=64)
+    p = plan(CUDA_CONTEXT_BYTES + 1 * MiB, method="patchddm", mode="sample", headroom=0.0, model_kwargs=TINY, size=64)
     assert not p.fits and p.report is None
     assert p.predicted_process_bytes == min(c.peak_process_bytes for c in p.candidates)
     assert "nothing fits" in p.format_text()
@@ -50,7 +50,7 @@ def test_oom_advice_names_the_plan():
 
 
 def test_full_size_plan_fits_fullres_training_into_12gb():
-    p = plan("12GB", preset="fullres", mode="train")
+    p = plan("12GB", method="fullres", mode="train")
     assert p.fits and p.settings["checkpoint"] in ("block", "level")
     assert p.predicted_process_bytes <= 12 * 10 ** 9 and p.predicted_peak_bytes <= 12 * 10 ** 9
 
@@ -58,5 +58,5 @@ def test_full_size_plan_fits_fullres_training_into_12gb():
 def test_plan_cli(capsys):
     from test_memory_simulator import run_command
 
-    assert run_command("plan", ["--gpu-memory", "40GB", "--preset", "halfres", "--mode", "sample"]) == 0
+    assert run_command("plan", ["--gpu-memory", "40GB", "--method", "halfres", "--mode", "sample"]) == 0
     assert "settings:" in capsys.readouterr().out

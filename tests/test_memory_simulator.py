@@ -90,7 +90,7 @@ def test_inference_offload_and_tiling_cut_the_peak(monkeypatch):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match="method"):
         simulate("unet", "train", size=64)
     with pytest.raises(ValueError, match="mode"):
         simulate("patchddm", "infer", size=64)
@@ -119,15 +119,15 @@ def run_command(name, argv):
 
 
 def test_memory_cli_json(capsys):
-    assert run_command("memory", ["--preset", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
+    assert run_command("memory", ["--method", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["preset"] == "halfres" and d["size"] == 64 and d["peak_allocated_bytes"] > d["breakdown"]["weights"]
+    assert d["method"] == "halfres" and d["size"] == 64 and d["peak_allocated_bytes"] > d["breakdown"]["weights"]
 
 
 def test_profile_without_gpu_exits_with_message(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: profile would run for real")
-    assert run_command("profile", ["--preset", "halfres", "--mode", "sample", "--size", "64"]) == 3
+    assert run_command("profile", ["--method", "halfres", "--mode", "sample", "--size", "64"]) == 3
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
@@ -168,14 +168,14 @@ def test_profile_workload_runs_on_cpu(mode):
     assert len(times) == 2 and all(t > 0 for t in times)
 
 
-@pytest.mark.parametrize("preset,mode,size,over,limit_gb", [
+@pytest.mark.parametrize("method,mode,size,over,limit_gb", [
     ("patchddm", "train", 128, dict(), 2.0),                              # engine default: block checkpointing
     ("fullres", "train", 256, dict(checkpoint="level"), 12.0),
     ("patchddm", "sample", 256, dict(), 6.0),
     ("patchddm", "sample", 256, dict(offload="skips", tiled=True), 3.0),
 ], ids=["patchddm-train-128", "fullres-train-256-level", "sample-256", "sample-256-offload"])
-def test_issue_targets_on_the_papers_network(preset, mode, size, over, limit_gb):
+def test_issue_targets_on_the_papers_network(method, mode, size, over, limit_gb):
     """The engine's simulated live-tensor peaks meet the project's targets (BENCHMARKS.md)."""
-    r = simulate(preset, mode, size=size, **over)
-    assert r.totals["weights"] == (24_260_299 if preset == "patchddm" else 24_257_950) * 4
+    r = simulate(method, mode, size=size, **over)
+    assert r.totals["weights"] == (24_260_299 if method == "patchddm" else 24_257_950) * 4
     assert r.peak_allocated_bytes <= limit_gb * 1e9, r.peak_allocated_bytes / 1e9

@@ -215,11 +215,11 @@ def test_planner_picks_the_largest_member_batch_that_fits():
                      model_kwargs=arch)
         return fits_budget(r, 10 ** 12, 0.0)[1]
 
-    roomy = plan("1TB", preset="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
+    roomy = plan("1TB", method="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
     assert max_sample_batch(roomy, net, "patchddm", 32, 5) == 5
     two, three = process(2, roomy.settings), process(3, roomy.settings)
     assert two < three
-    tight = plan((two + three) // 2, preset="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
+    tight = plan((two + three) // 2, method="patchddm", mode="sample", size=32, headroom=0.0, model_kwargs=arch)
     assert tight.fits and tight.settings == roomy.settings
     assert max_sample_batch(tight, net, "patchddm", 32, 5) == 2
     planned = execution_plan(tight, member_batch=max_sample_batch(tight, net, "patchddm", 32, 5))

@@ -6,9 +6,9 @@ from patchddm_fast import UNet3D
 from patchddm_fast.model import ExecutionPolicy, count_parameters, timestep_embedding
 
 
-@pytest.mark.parametrize("preset,expected", [("patchddm", 24_260_299), ("fullres", 24_257_950), ("halfres", 24_257_950)])
-def test_paper_parameter_counts(preset, expected):
-    assert count_parameters(UNet3D.from_method(preset)) == expected
+@pytest.mark.parametrize("method,expected", [("patchddm", 24_260_299), ("fullres", 24_257_950), ("halfres", 24_257_950)])
+def test_paper_parameter_counts(method, expected):
+    assert count_parameters(UNet3D.from_method(method)) == expected
 
 
 def test_paper_network_structure():

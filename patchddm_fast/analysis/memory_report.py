@@ -31,7 +31,7 @@ class MemoryReport:
             (or backward node) that allocated them.
     """
 
-    preset: str
+    method: str
     mode: str
     size: int
     batch: int
@@ -68,7 +68,7 @@ class MemoryReport:
     def format_text(self) -> str:
         s = self.settings
         lines = [
-            f"{self.preset} {self.mode} at {self.size}^3 (batch {self.batch}), recipe {self.recipe}: "
+            f"{self.method} {self.mode} at {self.size}^3 (batch {self.batch}), recipe {self.recipe}: "
             + ", ".join(f"{k}={v}" for k, v in s.items()),
             f"  peak live tensors     {fmt_bytes(self.peak_allocated_bytes):>10}   (at {self.peak_where})",
             f"  allocator: allocated  {fmt_bytes(self.peak_allocated_rounded_bytes):>10}   reserved {fmt_bytes(self.peak_reserved_bytes)}",

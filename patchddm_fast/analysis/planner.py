@@ -1,6 +1,6 @@
 """Pick the fastest settings that fit a GPU: checkpointing, offload, precision, patch size.
 
-``plan("8GB", preset="patchddm", mode="train")`` walks candidate settings from the
+``plan("8GB", method="patchddm", mode="train")`` walks candidate settings from the
 cheapest to the most memory-frugal, simulates each (:func:`.simulate.simulate`, steady-state
 step) and returns the first whose allocator-level footprint fits: the recorded allocation
 sequence is replayed through the caching-allocator model with the budget minus the CUDA
@@ -59,7 +59,7 @@ class Plan:
     """The planner's answer.  ``settings`` is what Trainer/sampler consume:
     ``{"checkpoint", "offload", "precision", "patch_size", "ops", "tiled"}``."""
 
-    preset: str
+    method: str
     mode: str
     gpu_memory_bytes: int
     headroom: float
@@ -89,7 +89,7 @@ class Plan:
         return " ".join(flags)
 
     def format_text(self) -> str:
-        head = (f"{self.preset} {self.mode} on {fmt_bytes(self.gpu_memory_bytes)} "
+        head = (f"{self.method} {self.mode} on {fmt_bytes(self.gpu_memory_bytes)} "
                 f"(keeping {self.headroom:.0%} free for workspaces):")
         if not self.fits:
             best = min(self.candidates, key=lambda c: c.peak_process_bytes) if self.candidates else None
@@ -121,24 +121,24 @@ def fits_budget(report: MemoryReport, gpu_memory: int, headroom: float = DEFAULT
     return True, stats.peak_reserved + report.cuda_context_bytes
 
 
-def _candidates(preset: str, mode: str, size: Optional[int], patch_sizes: Sequence[int]):
+def _candidates(method: str, mode: str, size: Optional[int], patch_sizes: Sequence[int]):
     if mode == "train":
-        sizes = [size] if size else ([p for p in patch_sizes] if get_method(preset).patches
-                                     else [PAPER_SIZES[(preset, "train")]])
+        sizes = [size] if size else ([p for p in patch_sizes] if get_method(method).patches
+                                     else [PAPER_SIZES[(method, "train")]])
         for s in sizes:
             for ckpt, off, cost in TRAIN_CANDIDATES:
                 yield s, dict(checkpoint=ckpt, offload=off, tiled=False), cost
     else:
-        s = size or PAPER_SIZES[(preset, "sample")]
+        s = size or PAPER_SIZES[(method, "sample")]
         for off, tiled, cost in SAMPLE_CANDIDATES:
             yield s, dict(checkpoint="none", offload=off, tiled=tiled), cost
 
 
-def plan(gpu_memory: Union[str, int, float], preset: str = "patchddm", mode: str = "train",
+def plan(gpu_memory: Union[str, int, float], method: str = "patchddm", mode: str = "train",
          size: Optional[int] = None, precision: str = "auto", headroom: float = DEFAULT_HEADROOM,
          patch_sizes: Sequence[int] = PATCH_SIZES, model_kwargs: Optional[Dict[str, Any]] = None,
          ddp: bool = False) -> Plan:
-    """The fastest engine settings for ``preset``/``mode`` that fit ``gpu_memory`` (e.g. "8GB").
+    """The fastest engine settings for ``method``/``mode`` that fit ``gpu_memory`` (e.g. "8GB").
 
     ``size`` pins the training patch / input edge (default: PatchDDM tries 128 then 64;
     FullRes 256, HalfRes 128; sampling uses the whole volume, 256 or 128).  Returns a
@@ -152,30 +152,30 @@ def plan(gpu_memory: Union[str, int, float], preset: str = "patchddm", mode: str
     if mode not in ("train", "sample"):
         raise ValueError(f"mode must be 'train' or 'sample', got {mode!r}")
     tried: List[Candidate] = []
-    for s, knobs, _cost in _candidates(preset, mode, size, patch_sizes):
-        report = simulate(preset, mode, size=s, recipe="engine", precision=precision, steps=1, warm_start=True,
+    for s, knobs, _cost in _candidates(method, mode, size, patch_sizes):
+        report = simulate(method, mode, size=s, recipe="engine", precision=precision, steps=1, warm_start=True,
                           model_kwargs=model_kwargs, **({"ddp": True} if ddp and mode == "train" else {}), **knobs)
         ok, process = fits_budget(report, budget, headroom)
-        settings = _settings(report, precision, mode, preset)
+        settings = _settings(report, precision, mode, method)
         tried.append(Candidate(settings, s, report.peak_allocated_bytes, process, ok, report.recompute_fraction))
         if ok:
-            return Plan(preset, mode, budget, headroom, True, settings, s, report.peak_allocated_bytes, process,
+            return Plan(method, mode, budget, headroom, True, settings, s, report.peak_allocated_bytes, process,
                         report.recompute_fraction, report, tried)
     best = min(tried, key=lambda c: c.peak_process_bytes)
-    return Plan(preset, mode, budget, headroom, False, best.settings, best.size, best.peak_allocated_bytes,
+    return Plan(method, mode, budget, headroom, False, best.settings, best.size, best.peak_allocated_bytes,
                 best.peak_process_bytes, best.recompute_fraction, None, tried)
 
 
-def _settings(report: MemoryReport, precision: str, mode: str, preset: str) -> Dict[str, Any]:
+def _settings(report: MemoryReport, precision: str, mode: str, method: str) -> Dict[str, Any]:
     r = report.settings
     out: Dict[str, Any] = dict(checkpoint=r["checkpoint"], offload=r["offload"],
                                precision=precision if precision != "auto" else "auto", ops=r["ops"],
                                tiled=bool(r["tiled"]))
-    out["patch_size"] = report.size if (mode == "train" and get_method(preset).patches) else None
+    out["patch_size"] = report.size if (mode == "train" and get_method(method).patches) else None
     return out
 
 
-def oom_advice(exc: BaseException, preset: str, mode: str, gpu_memory: Union[str, int, float, None] = None,
+def oom_advice(exc: BaseException, method: str, mode: str, gpu_memory: Union[str, int, float, None] = None,
                size: Optional[int] = None) -> str:
     """Turn an out-of-memory error into the planner's suggestion (a message to show the user).
 
@@ -183,15 +183,15 @@ def oom_advice(exc: BaseException, preset: str, mode: str, gpu_memory: Union[str
     """
     if gpu_memory is None:
         if not torch.cuda.is_available():
-            return f"{exc}\nOut of memory; run `patchddm plan --gpu-memory <size> --preset {preset} --mode {mode}`."
+            return f"{exc}\nOut of memory; run `patchddm plan --gpu-memory <size> --method {method} --mode {mode}`."
         gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    p = plan(gpu_memory, preset=preset, mode=mode, size=size)
+    p = plan(gpu_memory, method=method, mode=mode, size=size)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if p.fits:
-        return (f"Out of memory ({first}).\nThe memory planner suggests for {preset} {mode} on "
+        return (f"Out of memory ({first}).\nThe memory planner suggests for {method} {mode} on "
                 f"{fmt_bytes(p.gpu_memory_bytes)}: {p.cli_flags()} (settings {p.settings}); predicted peak "
                 f"{fmt_bytes(p.predicted_process_bytes)} including allocator cache and CUDA context.")
-    return (f"Out of memory ({first}).\nNo engine setting fits {preset} {mode} into {fmt_bytes(p.gpu_memory_bytes)}; "
+    return (f"Out of memory ({first}).\nNo engine setting fits {method} {mode} into {fmt_bytes(p.gpu_memory_bytes)}; "
             f"the most frugal ({p.settings}) needs about {fmt_bytes(p.predicted_process_bytes)}.")
 
 
@@ -221,7 +221,7 @@ def max_sample_batch(p: Plan, model: Any, method: str, size: int, limit: int) ->
     """
     def fits(batch: int) -> bool:
         s = p.settings
-        report = simulate(p.preset, "sample", size=size, recipe="engine", precision=s["precision"],
+        report = simulate(p.method, "sample", size=size, recipe="engine", precision=s["precision"],
                           checkpoint="none", offload=s["offload"], tiled=s["tiled"], batch=batch, steps=1,
                           warm_start=True, model_kwargs=planner_arch(model.config))
         return fits_budget(report, p.gpu_memory_bytes, p.headroom)[0]
@@ -253,7 +253,7 @@ def plan_training(config: TrainConfig, ddp: bool = False) -> ExecutionPlan:
     with torch.device("meta"):  # the network's size multiple, without weights
         multiple = build_model(config.to_dict()).size_multiple
     patch_sizes = tuple(s for s in (config.patch_size, config.patch_size // 2) if s >= multiple and s % multiple == 0)
-    p = plan(config.memory_budget, preset=config.method, mode="train", precision=config.precision,
+    p = plan(config.memory_budget, method=config.method, mode="train", precision=config.precision,
              patch_sizes=patch_sizes, model_kwargs=arch, ddp=ddp)
     if not p.fits:
         raise RuntimeError(p.format_text())
@@ -268,7 +268,7 @@ def plan_sampling(model: Any, gpu_memory: Union[str, int, float], method: str, i
     the largest number of ensemble members (at most ``ensemble``) that fit as one batch.
     Raises ``RuntimeError`` with the planner's explanation when nothing fits."""
     size = max(network_grid(image_shape, model, method))
-    p = plan(gpu_memory, preset=method, mode="sample", size=size, model_kwargs=planner_arch(model.config))
+    p = plan(gpu_memory, method=method, mode="sample", size=size, model_kwargs=planner_arch(model.config))
     if not p.fits:
         raise RuntimeError(p.format_text())
     return execution_plan(p, member_batch=max_sample_batch(p, model, method, size, ensemble))

@@ -63,7 +63,7 @@ class NvmlSampler(threading.Thread):
         return max(b for _, b in self.samples)
 
 
-def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "engine", batch: int = 1,
+def measure(method: str, mode: str, size: Optional[int] = None, recipe: str = "engine", batch: int = 1,
             steps: int = 3, sampling_steps: int = 3, interval_s: float = 0.005, **overrides: Any) -> Dict[str, Any]:
     """Run the workload on the current CUDA device and return measured peaks and timings.
 
@@ -76,12 +76,12 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
     asked = overrides.get("precision")
     s = recipe_settings(recipe, mode, **{k: v for k, v in overrides.items() if k != "precision"})
     precision = resolve_precision(asked or ("auto" if recipe == "engine" else s.precision), device)
-    size = size or PAPER_SIZES[(preset, mode)]
+    size = size or PAPER_SIZES[(method, mode)]
     torch.cuda.init()
     sampler = NvmlSampler(device.index, interval_s)
     before = sampler.read()
     policy = ExecutionPolicy(ops=s.ops, recompute=s.checkpoint, offload=s.offload, tiled=s.tiled)
-    model = UNet3D.from_method(preset, policy=policy).to(device)
+    model = UNet3D.from_method(method, policy=policy).to(device)
     cin = model.config["in_channels"]
     gen = torch.Generator(device=device).manual_seed(0)
     times: List[float] = []
@@ -94,7 +94,7 @@ def measure(preset: str, mode: str, size: Optional[int] = None, recipe: str = "e
         nvml_peak = sampler.stop()
     steady = times[1:] or times
     return dict(
-        preset=preset, mode=mode, size=size, recipe=recipe, settings=dict(s.to_dict(), precision=precision.name),
+        method=method, mode=mode, size=size, recipe=recipe, settings=dict(s.to_dict(), precision=precision.name),
         device=torch.cuda.get_device_name(device), nvml_source=sampler.source, nvml_before_bytes=before,
         nvml_peak_bytes=nvml_peak, max_memory_allocated=torch.cuda.max_memory_allocated(device),
         max_memory_reserved=torch.cuda.max_memory_reserved(device),

@@ -71,14 +71,14 @@ def allreduce_seconds(nbytes: float, n: int, link: Link) -> float:
     return ring_allreduce_bytes(nbytes, n) / link.bus_bandwidth + 2 * (n - 1) * link.alpha
 
 
-def backward_profile(preset: str = "patchddm", size: int = 128,
+def backward_profile(method: str = "patchddm", size: int = 128,
                      model_kwargs: Optional[Dict[str, Any]] = None) -> List[Tuple[int, float]]:
     """(parameter bytes, share of backward time) per parameterised module, in backward order.
 
     Traced on the meta device (no memory, no data); a module's share is its FLOPs
     (2 x MACs of its convolution / linear layer) over the network's."""
     with torch.device("meta"):
-        model = UNet3D.from_method(preset, **(model_kwargs or {}))  # reference ops: the default policy
+        model = UNet3D.from_method(method, **(model_kwargs or {}))  # reference ops: the default policy
     order: List[Tuple[torch.nn.Module, float]] = []
 
     def hook(module, inputs, output):
@@ -155,13 +155,13 @@ def step_estimate(n: int, link: Link, profile: Sequence[Tuple[int, float]], comp
                 step_s=step, samples_per_s=n / step, speedup=n * compute_s / step, efficiency=compute_s / step)
 
 
-def scaling_table(preset: str = "patchddm", size: int = 128, gpus: Sequence[int] = GPU_COUNTS,
+def scaling_table(method: str = "patchddm", size: int = 128, gpus: Sequence[int] = GPU_COUNTS,
                   links: Sequence[str] = ("nvlink", "ethernet"), compute_s: float = PAPER_STEP_SECONDS
                   ) -> Dict[str, Any]:
     """Rows for every GPU count and link, plus the assumptions they rest on."""
-    profile = backward_profile(preset, size)
+    profile = backward_profile(method, size)
     rows = [step_estimate(n, LINKS[name], profile, compute_s) for name in links for n in gpus]
-    return dict(preset=preset, size=size, compute_s=compute_s, backward_fraction=BACKWARD_FRACTION,
+    return dict(method=method, size=size, compute_s=compute_s, backward_fraction=BACKWARD_FRACTION,
                 parameters=sum(b for b, _ in profile) // 4, links={k: asdict(LINKS[k]) for k in links}, rows=rows)
 
 

@@ -1,6 +1,6 @@
 """The memory simulator: run the real training step / network evaluation on fake tensors.
 
-``simulate(preset, mode, size, recipe, ...)`` builds the real :class:`UNet3D` under
+``simulate(method, mode, size, recipe, ...)`` builds the real :class:`UNet3D` under
 ``FakeTensorMode`` (CPU fake tensors: shapes, dtypes and storages without data), runs the
 real code -- ``Diffusion.training_loss`` under the precision policy's autocast, backward,
 ``AdamW.step`` (twice, so the optimizer state exists), or one no-grad network evaluation as
@@ -134,9 +134,9 @@ class _SimScaler:
         return None
 
 
-def _check(preset: str, mode: str, size: int, settings: Settings, batch: int) -> None:
-    if preset not in METHODS:
-        raise ValueError(f"preset (method) must be one of {METHODS}, got {preset!r}")
+def _check(method: str, mode: str, size: int, settings: Settings, batch: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method (method) must be one of {METHODS}, got {method!r}")
     if settings.precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16, bf16 or auto, got {settings.precision!r}")
     if settings.checkpoint not in RECOMPUTE_MODES:
@@ -186,13 +186,13 @@ def ddp_bucket_sizes(param_bytes: List[int], first_cap: int = DDP_FIRST_BUCKET_B
 
 
 @functools.lru_cache(maxsize=256)
-def _simulate_cached(preset: str, mode: str, size: int, batch: int, recipe: str, settings: Settings,
+def _simulate_cached(method: str, mode: str, size: int, batch: int, recipe: str, settings: Settings,
                      steps: int, warm_start: bool, model_items: Tuple[Tuple[str, Any], ...],
                      ddp: bool = False) -> MemoryReport:
-    return _run(preset, mode, size, batch, recipe, settings, steps, warm_start, dict(model_items), ddp)
+    return _run(method, mode, size, batch, recipe, settings, steps, warm_start, dict(model_items), ddp)
 
 
-def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] = None, recipe: str = "engine",
+def simulate(method: str = "patchddm", mode: str = "train", size: Optional[int] = None, recipe: str = "engine",
              precision: Optional[str] = None, checkpoint: Optional[str] = None, offload: Optional[str] = None,
              batch: int = 1, ops: Optional[str] = None, tiled: Optional[bool] = None,
              input_dtype: Optional[str] = None, steps: int = 2, warm_start: bool = False,
@@ -200,7 +200,7 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
     """Simulated device memory of one training step (``mode="train"``) or one network evaluation.
 
     Args:
-        preset: a method name (:data:`patchddm_fast.model.method.METHODS`): the paper's network with
+        method: a method name (:data:`patchddm_fast.model.method.METHODS`): the paper's network with
             that method's input channels.
         mode: "train" (forward, backward, AdamW step; ``steps`` times) or "sample" (one
             no-grad evaluation as the DDIM sampler runs it).
@@ -225,20 +225,20 @@ def simulate(preset: str = "patchddm", mode: str = "train", size: Optional[int] 
         settings = dataclasses.replace(settings, ops="reference")
         warnings.warn("patchddm_fast.kernels is not importable: simulating the engine with reference ops")
     if size is None:
-        size = PAPER_SIZES.get((preset, mode), 0)
-    _check(preset, mode, size, settings, batch)
+        size = PAPER_SIZES.get((method, mode), 0)
+    _check(method, mode, size, settings, batch)
     if mode == "train" and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (model_kwargs or {}).items()))
     if ddp and mode != "train":
         raise ValueError("ddp=True describes a training step; sampling has no gradient buckets")
     if ddp:
-        return _simulate_cached(preset, mode, int(size), int(batch), recipe, settings, int(steps), bool(warm_start),
+        return _simulate_cached(method, mode, int(size), int(batch), recipe, settings, int(steps), bool(warm_start),
                                 items, True)
-    return _simulate_cached(preset, mode, int(size), int(batch), recipe, settings, int(steps), bool(warm_start), items)
+    return _simulate_cached(method, mode, int(size), int(batch), recipe, settings, int(steps), bool(warm_start), items)
 
 
-def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: Settings, steps: int,
+def _run(method: str, mode: str, size: int, batch: int, recipe: str, settings: Settings, steps: int,
          warm_start: bool, model_kwargs: Dict[str, Any], ddp: bool = False) -> MemoryReport:
     started = time.perf_counter()
     precision = Precision(settings.precision, torch.device("cpu"), NoScaler())
@@ -254,7 +254,7 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
     if settings.precision == "fp16" and mode == "train":
         notes.append("GradScaler modelled as the scaled loss (its other state is a few scalars)")
     with FakeTensorMode(allow_non_fake_inputs=True), mkldnn_disabled():
-        model = UNet3D.from_method(preset, **model_kwargs)
+        model = UNet3D.from_method(method, **model_kwargs)
         if model.size_multiple and size % model.size_multiple:
             raise ValueError(f"size {size} must be a multiple of {model.size_multiple} for this network")
         cin = model.config["in_channels"]
@@ -313,11 +313,11 @@ def _run(preset: str, mode: str, size: int, batch: int, recipe: str, settings: S
     stats = allocator.replay(tracker.events)
     grad_sids.discard(None)
     opt_sids.discard(None)
-    return _make_report(preset, mode, size, batch, recipe, settings, steps, tracker, stats, grad_sids, opt_sids,
+    return _make_report(method, mode, size, batch, recipe, settings, steps, tracker, stats, grad_sids, opt_sids,
                         totals, time.perf_counter() - started, notes)
 
 
-def _make_report(preset, mode, size, batch, recipe, settings, steps, tracker: MemoryTracker, stats,
+def _make_report(method, mode, size, batch, recipe, settings, steps, tracker: MemoryTracker, stats,
                  grad_sids, opt_sids, totals, elapsed, notes) -> MemoryReport:
     def category(sid: int) -> str:
         rec = tracker.records[sid]
@@ -345,7 +345,7 @@ def _make_report(preset, mode, size, batch, recipe, settings, steps, tracker: Me
     recompute = flops["recompute"] / base if base else 0.0
     context = allocator.CUDA_CONTEXT_BYTES
     return MemoryReport(
-        preset=preset, mode=mode, size=size, batch=batch, recipe=recipe, settings=settings.to_dict(),
+        method=method, mode=mode, size=size, batch=batch, recipe=recipe, settings=settings.to_dict(),
         peak_allocated_bytes=tracker.peak, peak_allocated_rounded_bytes=stats.peak_allocated,
         peak_reserved_bytes=stats.peak_reserved, cuda_context_bytes=context,
         peak_process_bytes=stats.peak_reserved + context, peak_host_bytes=tracker.host_peak,

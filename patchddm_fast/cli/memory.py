@@ -6,7 +6,7 @@ import json
 
 
 def simulated_methods() -> tuple:
-    """The methods the simulator knows the paper's sizes for (the --preset choices)."""
+    """The methods the simulator knows the paper's sizes for (the --method choices)."""
     from patchddm_fast.analysis.simulate import PAPER_SIZES
     from patchddm_fast.model.method import METHODS
 
@@ -22,7 +22,7 @@ def add_memory_flags(p: argparse.ArgumentParser, recipe: bool = True) -> None:
     from patchddm_fast.model.execution.precision import PRECISIONS
     from patchddm_fast.model.unet import RECOMPUTE_MODES
 
-    p.add_argument("--preset", default="patchddm", choices=simulated_methods(),
+    p.add_argument("--method", default="patchddm", choices=simulated_methods(),
                    help="the method: the paper's network and its input channels")
     p.add_argument("--mode", default="train", choices=MODES,
                    help="train: forward, backward and AdamW step; sample: one no-grad network evaluation")
@@ -64,8 +64,8 @@ def simulate_from_args(args: argparse.Namespace, recipe: str = None):
     from patchddm_fast.analysis import simulate
     from patchddm_fast.analysis.planner import region_channels
 
-    channels = region_channels(args.preset, args.target) if getattr(args, "target", "binary") != "binary" else None
-    return simulate(args.preset, args.mode, size=args.size, recipe=recipe or args.recipe, precision=args.precision,
+    channels = region_channels(args.method, args.target) if getattr(args, "target", "binary") != "binary" else None
+    return simulate(args.method, args.mode, size=args.size, recipe=recipe or args.recipe, precision=args.precision,
                     checkpoint=args.checkpoint, offload=args.offload, batch=args.batch, ops=args.ops,
                     tiled=args.tiled, model_kwargs=channels)
 

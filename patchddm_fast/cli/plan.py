@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--gpu-memory", required=True, metavar="SIZE", help="GPU memory, e.g. 8GB (10^9 bytes) or 8GiB")
-    p.add_argument("--preset", default="patchddm", choices=simulated_methods(), help="method")
+    p.add_argument("--method", default="patchddm", choices=simulated_methods(), help="method")
     p.add_argument("--mode", default="train", choices=MODES, help="training or sampling")
     p.add_argument("--size", type=int, default=None,
                    help="pin the patch/volume edge (default: PatchDDM tries patches 128 then 64; sampling uses the whole volume)")
@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from patchddm_fast.analysis import plan
 
-    p = plan(args.gpu_memory, preset=args.preset, mode=args.mode, size=args.size, precision=args.precision,
+    p = plan(args.gpu_memory, method=args.method, mode=args.mode, size=args.size, precision=args.precision,
              headroom=args.headroom)
     print(json.dumps(p.to_dict(), indent=2) if args.json else p.format_text())
     return 0 if p.fits else 1

@@ -49,16 +49,16 @@ def run(args: argparse.Namespace) -> int:
     from patchddm_fast.analysis.profiling import measure
     from patchddm_fast.core.units import fmt_bytes
 
-    m = measure(args.preset, args.mode, size=args.size, recipe=args.recipe, batch=args.batch, steps=args.steps,
+    m = measure(args.method, args.mode, size=args.size, recipe=args.recipe, batch=args.batch, steps=args.steps,
                 sampling_steps=args.sampling_steps, interval_s=args.interval_ms / 1000.0, precision=args.precision,
                 checkpoint=args.checkpoint, offload=args.offload, ops=args.ops, tiled=args.tiled)
     s = m["settings"]
-    p = simulate(args.preset, args.mode, size=m["size"], recipe=args.recipe, precision=s["precision"],
+    p = simulate(args.method, args.mode, size=m["size"], recipe=args.recipe, precision=s["precision"],
                  checkpoint=s["checkpoint"], offload=s["offload"], batch=args.batch, ops=s["ops"], tiled=s["tiled"])
     if args.json:
         print(json.dumps(dict(measured=m, predicted=p.to_dict()), indent=2))
         return 0
-    print(f"{args.preset} {args.mode} at {m['size']}^3 on {m['device']}: {s}")
+    print(f"{args.method} {args.mode} at {m['size']}^3 on {m['device']}: {s}")
     print(f"  {'':30}{'measured':>12}{'predicted':>12}")
     print(f"  {'max_memory_allocated':30}{fmt_bytes(m['max_memory_allocated']):>12}{fmt_bytes(p.peak_allocated_rounded_bytes):>12}")
     print(f"  {'max_memory_reserved':30}{fmt_bytes(m['max_memory_reserved']):>12}{fmt_bytes(p.peak_reserved_bytes):>12}")

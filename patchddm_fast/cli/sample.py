@@ -53,8 +53,8 @@ def planner_advice_on_oom(method: str, mode: str) -> Iterator[None]:
         from patchddm_fast.sampling.segment import SamplingOutOfMemoryError
 
         if isinstance(exc, SamplingOutOfMemoryError):
-            raise RuntimeError(oom_advice(exc, preset=exc.method, mode="sample", size=exc.size)) from exc
-        raise RuntimeError(oom_advice(exc, preset=method, mode=mode)) from exc
+            raise RuntimeError(oom_advice(exc, method=exc.method, mode="sample", size=exc.size)) from exc
+        raise RuntimeError(oom_advice(exc, method=method, mode=mode)) from exc
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

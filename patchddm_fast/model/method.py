@@ -12,8 +12,8 @@ PAPER.md compares three ways to fit a 3D diffusion segmenter into memory:
 * **patches** (our ablation) trains on PatchDDM's patches without the coordinate channels,
   which shows what the position encoding buys.
 
-"Method" and "preset" (the memory tools' word) name the same thing: ``UNet3D.from_method``
-builds the network of a method, ``simulate(preset=...)`` takes a method name.  How the
+One word for one concept: ``UNet3D.from_method`` builds the network of a method, and the
+memory tools take the same names (``simulate(method=...)``, ``patchddm memory --method``).  How the
 conditioning tensors are built from these fields is :mod:`patchddm_fast.model.conditioning`.
 """
 from __future__ import annotations
