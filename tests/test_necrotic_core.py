@@ -8,6 +8,10 @@ scale -- 32^3 phantoms, 16^3 patches, 600 steps, one thread: 173 s on the projec
 machine while it was shared (load 4) -- and
 segments held-out phantoms whose necrotic core is large (``LARGE_NECROSIS``: a fifth to
 a third of the tumour, thin enhancing rim).  Seeds fix data, weights and sampling.
+
+The hole and coverage limits apply to the network's own mask (``fill_holes=False``); the
+mask every command writes also fills enclosed gaps (``data.regions.tumour_mask``), the
+safeguard for cores that look like CSF (``benchmarks/necrotic_core_look.py``).
 """
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from scipy import ndimage
 from patchddm_fast.cli.demo import DEMO_CONFIG
 from patchddm_fast.training.cases import pad_case
 from patchddm_fast.data.phantom import LARGE_NECROSIS, make_phantom_dataset
+from patchddm_fast.data.regions import tumour_mask
 from patchddm_fast.eval.metrics import dice
 from patchddm_fast.sampling.segment import segment_volume
 from patchddm_fast.training.trainer import Trainer
@@ -56,7 +61,9 @@ def test_trained_demo_model_has_no_hole_at_a_large_necrotic_core(trained):
         assert necrosis.sum() >= 20  # a real core to leave out
         res = segment_volume(trained.model, trained.diffusion, torch.from_numpy(case.image), method="patchddm",
                              ensemble=3, steps=10, seed=0, progress=False)
-        pred = res.mask.numpy()
+        pred = tumour_mask(res.mean, 0.5, fill_holes=False).numpy()  # the network's own mask, before filling
+        filled = res.mask.numpy()  # what every command writes (holes filled)
+        assert (filled >= pred).all() and enclosed_empty_voxels(filled) == 0, case.case_id
         assert dice(pred, case.label) >= 0.6, case.case_id  # a real segmentation, not an empty (hole-free) one
         assert (pred & necrosis).mean() / necrosis.mean() >= 0.9, case.case_id  # the core is in the WT mask
         assert enclosed_empty_voxels(pred) <= MAX_HOLE_VOXELS, case.case_id

@@ -186,6 +186,33 @@ def test_large_necrosis_option_keeps_the_anatomy_and_grows_the_core():
     np.testing.assert_array_equal(ds[1].labels, make_phantom(16, ds[1].seed, **LARGE_NECROSIS).labels)
 
 
+def test_csf_like_necrosis_changes_only_the_core_look():
+    """Issue 13.1: necrosis_look="csf" gives the necrotic core the case's CSF intensities in
+    all four channels (FLAIR-dark, as liquefied necrosis often is) and draws nothing else:
+    same labels and anatomy; the default look is what the option's default gives."""
+    from patchddm_fast.data.phantom import LARGE_NECROSIS
+
+    flair, t1ce = MODALITIES.index("flair"), MODALITIES.index("t1ce")
+    for seed in range(3):
+        base = make_phantom(48, seed, **LARGE_NECROSIS)
+        csf = make_phantom(48, seed, necrosis_look="csf", **LARGE_NECROSIS)
+        np.testing.assert_array_equal(base.image, make_phantom(48, seed, necrosis_look="default", **LARGE_NECROSIS).image)
+        for key in ("labels", "brain_mask", "head_mask", "decoy_mask"):
+            np.testing.assert_array_equal(getattr(base, key), getattr(csf, key))
+        core = ndimage.binary_erosion(csf.labels == 1)  # away from the partial-volume blur of the rim
+        assert core.sum() >= 5
+        ventricle_flair = np.median(csf.image[flair][csf.brain_mask & (csf.image[MODALITIES.index("t2")] > 0.8)
+                                                     & (csf.labels == 0) & ~csf.decoy_mask])
+        assert csf.image[flair][core].mean() < 0.5 * base.image[flair][core].mean()  # FLAIR-dark now
+        assert csf.image[flair][core].mean() < ventricle_flair + 0.1
+        assert csf.image[t1ce][core].mean() < 0.3
+        far = ~ndimage.binary_dilation(csf.labels == 1, iterations=2)
+        close = np.isclose(base.image[:, far], csf.image[:, far], atol=0.05).mean()
+        assert close > 0.99  # elsewhere only the per-channel percentile scaling may move
+    with pytest.raises(ValueError, match="necrosis_look"):
+        make_phantom(16, 0, necrosis_look="bright")
+
+
 def test_config_phantom_options_reach_the_training_and_validation_phantoms():
     from patchddm_fast.training.config import TrainConfig
     from patchddm_fast.data.phantom import LARGE_NECROSIS

@@ -76,7 +76,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps: int, sampling_seed: int,
                        progress: bool = True, memory_budget=None, eta: float = 0.0, threshold: float = 0.5,
-                       sampler: str = "ddim", member_batch=None) -> dict:
+                       sampler: str = "ddim", member_batch=None, fill_holes: bool = True) -> dict:
     """Train on ``config``'s phantoms (resuming from ``out/run``) and score its held-out cases with
     an ensemble; returns the metrics (also written to ``out/metrics.json``) with timings.
 
@@ -100,7 +100,8 @@ def train_and_evaluate(config: dict, out: Path, *, ensemble: int, sampling_steps
     metrics = evaluate_cases(trainer.inference_model, trainer.diffusion, trainer.config.method, val_cases, out,
                              ensemble=ensemble, steps=sampling_steps, seed=sampling_seed, progress=progress,
                              memory_budget=memory_budget, eta=eta, threshold=threshold, sampler=sampler,
-                             member_batch=member_batch, convention=trainer.config.label_convention)
+                             member_batch=member_batch, convention=trainer.config.label_convention,
+                             fill_holes=fill_holes)
     metrics["trained_steps"] = trainer.step
     metrics["timing_s"] = dict(train=round(train_s, 1), total=round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = train_and_evaluate(config, out, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
                                      sampling_seed=args.seed, progress=not args.quiet,
                                      memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
-                                     sampler=args.sampler, member_batch=args.member_batch)
+                                     sampler=args.sampler, member_batch=args.member_batch,
+                                     fill_holes=args.fill_holes)
     print(format_table(metrics))
     print(f"trained {metrics['trained_steps']} steps in {metrics['timing_s']['train']:.0f} s; total "
           f"{metrics['timing_s']['total']:.0f} s; results in {out}/ (metrics.json, *_montage.png, *.nii.gz)")

@@ -41,7 +41,7 @@ REGION_OUTPUT_SUFFIXES = ("_seg",) + tuple(f"_{kind}_{name}" for kind in ("prob"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from patchddm_fast.cli.sample import add_memory_budget_flag, add_sampler_flags
+    from patchddm_fast.cli.sample import add_fill_holes_flag, add_memory_budget_flag, add_sampler_flags
     from patchddm_fast.core.validation import float_in, int_at_least
     from patchddm_fast.data.layouts import LAYOUTS
 
@@ -62,6 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="DDIM steps per sample (about 20 match 1000)")
     p.add_argument("--seed", "--sampling-seed", dest="seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--threshold", type=float_in(0.0, 1.0), default=0.5, help="mask = ensemble mean > threshold")
+    add_fill_holes_flag(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout of a folder input")
     p.add_argument("--cases", nargs="+", default=None, metavar="ID", help="only these case ids of a dataset folder")
@@ -140,7 +141,7 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
                  device: str = "cpu", progress: bool = True, figures: bool = False,
                  segment_fn: Optional[Callable] = None, memory_budget: Optional[str] = None,
                  write: bool = True, sampler: str = "ddim", member_batch: Optional[int] = None,
-                 convention: Optional[str] = None) -> Dict[str, Any]:
+                 convention: Optional[str] = None, fill_holes: bool = True) -> Dict[str, Any]:
     """Preprocess one case, segment it, and write seg/prob/var on the original grid; returns a record.
 
     ``write=False``: segment only (a non-zero rank helping with a sharded ensemble).  A region
@@ -166,7 +167,8 @@ def predict_case(model, diffusion, method: str, case, out_dir: Path, pre, *, ens
                      threshold=threshold, progress=progress, desc=case.case_id,
                      **({"plan": plan} if plan is not None else {}),
                      **({"sampler": sampler} if sampler != "ddim" else {}),
-                     **({"member_batch": member_batch} if member_batch is not None else {}))
+                     **({"member_batch": member_batch} if member_batch is not None else {}),
+                     **({"fill_holes": False} if not fill_holes else {}))
     if not write:
         return dict(case=case.case_id, seconds=round(time.perf_counter() - start, 3))
     box = prep.box
@@ -248,7 +250,7 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
     summary = dict(model=str(args.model), method=method, target=cfg.get("target", "binary"),
                    label_convention=cfg.get("label_convention"), ensemble=args.ensemble, steps=args.steps, seed=args.seed,
                    sampler=args.sampler,
-                   threshold=args.threshold, device=device, preprocess=pre.to_dict(),
+                   threshold=args.threshold, fill_holes=args.fill_holes, device=device, preprocess=pre.to_dict(),
                    already_normalised=normalised, cases=records)
     if ctx.enabled:
         summary["device"] = device.split(":")[0]  # the same on every rank's machine
@@ -271,7 +273,7 @@ def _run(args: argparse.Namespace, ctx, device: str) -> int:
                                    progress=not quiet, figures=args.figures, memory_budget=args.memory_budget,
                                    segment_fn=segment_fn, write=ctx.is_main or not spread_ensemble,
                                    sampler=args.sampler, member_batch=args.member_batch,
-                                   convention=cfg.get("label_convention"))
+                                   convention=cfg.get("label_convention"), fill_holes=args.fill_holes)
         except NonFiniteSampleError as exc:
             raise NonFiniteSampleError(f"{args.model}: {exc}") from None
         local.append(rec)

@@ -18,9 +18,17 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling-seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM eta: 0 is deterministic DDIM (the paper), 1 DDPM-like")
     p.add_argument("--threshold", type=float, default=0.5, help="mask = ensemble mean > threshold")
+    add_fill_holes_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_flags(p)
     add_memory_budget_flag(p)
+
+
+def add_fill_holes_flag(p: argparse.ArgumentParser) -> None:
+    """--no-fill-holes (shared by demo, sample and predict; see data.regions.tumour_mask)."""
+    p.add_argument("--no-fill-holes", dest="fill_holes", action="store_false",
+                   help="keep the gaps the predicted whole tumour / tumour core enclose (filled by default: they "
+                        "are missed necrotic core, which both regions contain)")
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
@@ -91,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
                                  steps=args.sampling_steps, seed=args.sampling_seed, progress=not args.quiet,
                                  memory_budget=args.memory_budget, eta=args.eta, threshold=args.threshold,
                                  overwrite=args.overwrite, sampler=args.sampler, member_batch=args.member_batch,
-                                 convention=config.label_convention)
+                                 convention=config.label_convention, fill_holes=args.fill_holes)
     print(format_table(metrics))
     return 0

@@ -33,7 +33,8 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
                    steps: int, seed: int, progress: bool = True, figures: bool = True,
                    memory_budget: Optional[str] = None, eta: float = 0.0, threshold: float = 0.5,
                    overwrite: bool = True, sampler: str = DEFAULT_SAMPLER,
-                   member_batch: Optional[int] = None, convention: Optional[str] = None) -> Dict[str, Any]:
+                   member_batch: Optional[int] = None, convention: Optional[str] = None,
+                   fill_holes: bool = True) -> Dict[str, Any]:
     """Sample, score (:func:`patchddm_fast.eval.scoring.case_scores`) and write every case into
     ``out_dir``.  Case ids must be plain names and every file stays inside ``out_dir``; existing
     outputs are refused unless ``overwrite`` (``sample`` passes its --overwrite flag; the demo
@@ -60,11 +61,11 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
         res = segment_volume(model, diffusion, image, method=method, ensemble=ensemble, steps=steps,
                              seed=seed, progress=progress, desc=case.case_id, keep_samples=True,
                              plan=plan, eta=eta, threshold=threshold, sampler=sampler,
-                             member_batch=member_batch)
+                             member_batch=member_batch, fill_holes=fill_holes)
         sampling_s = time.perf_counter() - started
         mask, mean, var, labels = res.mask.numpy(), res.mean.numpy(), res.var.numpy(), label.numpy()
         records.append(dict(case=case.case_id, **case_scores(mask, mean, var, res.samples[0].numpy(), labels,
-                                                             threshold, conv),
+                                                             threshold, conv, fill_holes),
                             sampling_s=round(sampling_s, 3)))
         prefix, affine = out_dir / case.case_id, case.affine
         if mask.ndim == 4:  # WT/TC/ET regions
@@ -92,7 +93,8 @@ def evaluate_cases(model, diffusion, method: str, cases: Sequence[CaseSource], o
         uncertainty_figure(records, out_dir / "uncertainty.png",
                            title=f"ensemble {ensemble}, {sampler} {steps} steps: variance vs errors, calibration")
     metrics = dict(cases=records, mean=summarise(records),
-                   sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed, sampler=sampler))
+                   sampling=dict(method=method, ensemble=ensemble, steps=steps, seed=seed, sampler=sampler,
+                                 threshold=threshold, fill_holes=fill_holes))
     if records and "regions" in records[0]:
         metrics["label_convention"] = conv
         metrics["regions"] = summarise_regions(records)

@@ -34,7 +34,7 @@ import numpy as np
 from patchddm_fast.data.layouts import MODALITIES
 from patchddm_fast.data.patches import as_triple
 
-__all__ = ["LARGE_NECROSIS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
+__all__ = ["LARGE_NECROSIS", "NECROSIS_LOOKS", "PhantomCase", "case_seed", "make_phantom", "make_phantom_dataset"]
 
 # Mean intensity per tissue and channel (in MODALITIES order: t1, t1ce, t2, flair), before per-case jitter,
 # bias field and noise.  Loosely follows the relative contrasts of BraTS scans.
@@ -60,6 +60,11 @@ DEFAULT_NECROSIS = (0.35, 0.7)
 # rim, looks like CSF on t1/t2, and is where a segmenter that has rarely seen one leaves
 # a hole in the whole tumour.
 LARGE_NECROSIS = dict(core=(0.75, 0.85), necrosis=(0.75, 0.85))
+# How the necrotic core looks.  "default": the _TISSUE row above (dark on t1/t1ce, bright
+# on t2, mid-grey on FLAIR).  "csf": the case's CSF intensities in all four channels,
+# FLAIR-dark included -- liquefied necrosis as it often looks in glioblastoma, where only
+# context (an enclosing enhancing rim, away from the ventricles) says it is tumour.
+NECROSIS_LOOKS = ("default", "csf")
 
 # Ellipsoidal radius (in head units, the head surface is 1) of each layer boundary.
 _SCALP_INNER, _BONE_INNER, _BRAIN_OUTER = 0.93, 0.86, 0.82
@@ -172,7 +177,8 @@ def _check_range(value, name: str) -> tuple[float, float]:
 
 def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | None = None, *,
                  core: tuple[float, float] = DEFAULT_CORE,
-                 necrosis: tuple[float, float] = DEFAULT_NECROSIS, lesions: int = 1) -> PhantomCase:
+                 necrosis: tuple[float, float] = DEFAULT_NECROSIS, lesions: int = 1,
+                 necrosis_look: str = "default") -> PhantomCase:
     """Build one BraTS-like case of ``size`` (an int for a cube, or (D, H, W)) from ``seed``.
 
     ``core`` and ``necrosis`` are the ranges of the tumour core's radius (a fraction of the
@@ -184,12 +190,17 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
     enhancing rim and necrotic core, placed so that no two touch even after the BraTS 2023
     lesion-wise matching's 3-voxel dilation at 64^3: they exercise the lesion-wise metrics.
     Their parameters come from a separate random stream, so ``lesions=1`` is unchanged.
+
+    ``necrosis_look`` (:data:`NECROSIS_LOOKS`) sets the necrotic core's intensities; it
+    changes no random draw, so only the core's voxels differ from the default look.
     """
     shape = as_triple(size, "size", minimum=4)
     core_lo, core_hi = _check_range(core, "core")
     nec_lo, nec_hi = _check_range(necrosis, "necrosis")
     if int(lesions) != lesions or not 1 <= lesions <= 3:
         raise ValueError(f"lesions must be 1, 2 or 3, got {lesions!r}")
+    if necrosis_look not in NECROSIS_LOOKS:
+        raise ValueError(f"necrosis_look must be one of {NECROSIS_LOOKS}, got {necrosis_look!r}")
     rng = np.random.default_rng(seed)
 
     # ---- scalar parameters and coarse grids (independent of the size) ----
@@ -265,7 +276,7 @@ def make_phantom(size: int | tuple[int, int, int], seed: int, case_id: str | Non
         region[m] = idx
     lut = np.zeros((len(names), len(MODALITIES)), dtype=np.float32)
     for idx, name in enumerate(names[1:], start=1):
-        lut[idx] = jitter[name]
+        lut[idx] = jitter["csf" if name == "necrosis" and necrosis_look == "csf" else name]
     image = lut.T[:, region]  # (4, D, H, W), contiguous
     texture = 1 + 0.06 * _upsample(grids["texture"], shape)
     image *= np.where(brain & ~wt, texture, 1.0)[None]

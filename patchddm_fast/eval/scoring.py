@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from patchddm_fast.data.regions import REGION_NAMES, nest_regions, region_masks
+from patchddm_fast.data.regions import REGION_NAMES, region_masks, tumour_mask
 from patchddm_fast.eval.lesionwise import lesion_wise
 from patchddm_fast.eval.metrics import dice, hd95
 from patchddm_fast.eval.uncertainty import uncertainty_metrics
@@ -42,21 +42,22 @@ def region_scores(pred: np.ndarray, single: np.ndarray, gt: np.ndarray, mean: np
 
 
 def case_scores(mask: np.ndarray, mean: np.ndarray, var: np.ndarray, first: np.ndarray, label: np.ndarray,
-                threshold: float, convention: str = "brats2020") -> Dict[str, Any]:
+                threshold: float, convention: str = "brats2020", fill_holes: bool = True) -> Dict[str, Any]:
     """The scores of one case.
 
     ``mask``/``mean``/``var``/``first`` (the first ensemble member) are (D, H, W) for a
     whole-tumour model, scored against ``label > 0``; or (3, D, H, W) WT/TC/ET for a region
     model, scored per region against the regions of ``label``'s values in ``convention``:
     the whole tumour's scores at the top level and every region's under ``"regions"``.
+    The single sample's mask is made as the ensemble's (:func:`tumour_mask`, ``fill_holes``).
     """
+    single = tumour_mask(first, threshold, fill_holes)
     if mask.ndim == 4:
         gt = region_masks(label, convention)
-        single = nest_regions(first > threshold)
         per_region = {name: region_scores(mask[i], single[i], gt[i], mean[i], var[i], threshold)
                       for i, name in enumerate(REGION_NAMES)}
         return dict(**per_region["WT"], regions=per_region)
-    return region_scores(mask, first > threshold, label > 0, mean, var, threshold)
+    return region_scores(mask, single, label > 0, mean, var, threshold)
 
 
 def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from patchddm_fast.data.patches import pad_to_multiple, unpad
-from patchddm_fast.data.regions import nest_regions
+from patchddm_fast.data.regions import tumour_mask
 from patchddm_fast.diffusion.samplers import DEFAULT_SAMPLER, check_sampler, nfe, sample_loop
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.diffusion.steps import network_eval
@@ -152,6 +152,7 @@ def segment_volume(
     members: Optional[Sequence[int]] = None,
     sampler: str = DEFAULT_SAMPLER,
     member_batch: Optional[int] = None,
+    fill_holes: bool = True,
 ) -> SegmentationResult:
     """Segment one volume ``image`` (4, D, H, W) with intensities in [0, 1].
 
@@ -180,6 +181,8 @@ def segment_volume(
         member_batch: ensemble members per network batch; None lets :func:`member_batch_for`
             choose.  Each member's initial noise is drawn from the seeded generator in member
             order exactly as one-at-a-time sampling draws it, so batching changes no noise.
+        fill_holes: fill the gaps the predicted whole tumour (and tumour core) encloses
+            (:func:`patchddm_fast.data.regions.tumour_mask`, which makes every mask).
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
@@ -265,11 +268,11 @@ def segment_volume(
         model.train(was_training)
     if not samples:  # a rank with no members of this ensemble
         empty = torch.zeros((0, *((channels,) if channels > 1 else ()), *shape))
-        return SegmentationResult(mean=empty.sum(0), var=empty.sum(0), mask=empty.sum(0) > threshold,
+        return SegmentationResult(mean=empty.sum(0), var=empty.sum(0), mask=tumour_mask(empty.sum(0), threshold, fill_holes),
                                   samples=empty if keep_samples else None)
     stack = torch.stack(samples)
     assert tuple(stack.shape[-3:]) == shape, (stack.shape, shape)
     mean = stack.mean(0)
     var = stack.var(0, unbiased=False)
-    mask = mean > threshold if channels == 1 else nest_regions(mean > threshold)
+    mask = tumour_mask(mean, threshold, fill_holes)
     return SegmentationResult(mean=mean, var=var, mask=mask, samples=stack if keep_samples else None)

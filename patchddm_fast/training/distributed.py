@@ -32,6 +32,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 import torch
 
 from patchddm_fast.core.devices import resolve_device
+from patchddm_fast.data.regions import tumour_mask
 from patchddm_fast.sampling.segment import SegmentationResult, segment_volume
 
 T = TypeVar("T")
@@ -290,13 +291,13 @@ def sharded_ensemble_segmenter(ctx: DistContext) -> Callable[..., Any]:
     returns the same result; only the caller's rank 0 should write it."""
 
     def segment(model: torch.nn.Module, diffusion: Any, image: torch.Tensor, *, ensemble: int = 5,
-                threshold: float = 0.5, **kwargs: Any):
+                threshold: float = 0.5, fill_holes: bool = True, **kwargs: Any):
         mine = list(range(ctx.rank, ensemble, ctx.world_size))
         res = segment_volume(model, diffusion, image, ensemble=ensemble, threshold=threshold, members=mine,
                              keep_samples=True, **kwargs)
         device = next(model.parameters()).device if ctx.backend == "nccl" else torch.device("cpu")
         mean, var = reduce_ensemble(res.samples.to(device), ensemble, ctx)
         mean, var = mean.cpu(), var.cpu()
-        return SegmentationResult(mean=mean, var=var, mask=mean > threshold)
+        return SegmentationResult(mean=mean, var=var, mask=tumour_mask(mean, threshold, fill_holes))
 
     return segment
