@@ -50,6 +50,10 @@ class Diffusion:
         self.clip_x0 = clip_x0
         self.betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # The same schedule as Python floats: the samplers' per-step coefficients are host
+        # scalars, read here rather than from a tensor (no device read per step, and the
+        # memory simulator runs the sampler on fake tensors, whose values cannot be read).
+        self.alphas_cumprod_host = self.alphas_cumprod.tolist()
 
     def config(self) -> dict:
         return dict(timesteps=self.timesteps, beta_start=self.beta_start, beta_end=self.beta_end, clip_x0=self.clip_x0,
@@ -139,8 +143,8 @@ class Diffusion:
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
         eps = out if (self.prediction == "eps" and not self.clip_x0) else self.eps_from_x0(x_t, tt, x0)
-        a_t = self.alphas_cumprod[t].item()
-        a_prev = self.alphas_cumprod[t_prev].item()
+        a_t = self.alphas_cumprod_host[t]
+        a_prev = self.alphas_cumprod_host[t_prev]
         sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(max(0.0, 1 - a_t / a_prev))
         x_prev = np.sqrt(a_prev) * x0 + np.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps
         if sigma > 0:
