@@ -204,7 +204,7 @@ def simulate(method: str = "patchddm", mode: str = "train", size: Optional[int] 
              batch: int = 1, ops: Optional[str] = None, tiled: Optional[bool] = None,
              input_dtype: Optional[str] = None, steps: int = 2, warm_start: bool = False,
              model_kwargs: Optional[Dict[str, Any]] = None, ddp: bool = False) -> MemoryReport:
-    """Simulated device memory of one training step (``mode="train"``) or one network evaluation.
+    """Simulated device memory of one training step (``mode="train"``) or of the sampler (``"sample"``).
 
     Args:
         method: a method name (:data:`patchddm_fast.model.method.METHODS`): the paper's network with

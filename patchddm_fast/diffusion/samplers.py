@@ -114,6 +114,7 @@ def dpmpp2m_loop(denoise: Denoiser, alphas_cumprod: Schedule, x: torch.Tensor, s
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
         x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
         prev_x0, h_prev = x0, h
+        del x0, d  # prev_x0 is the one copy kept across the next evaluation
         yield x
 
 
@@ -127,13 +128,16 @@ def heun_loop(denoise: Denoiser, alphas_cumprod: Schedule, x: torch.Tensor, step
     sq = [math.sqrt(a[t]) for t in ts]
     sig = [math.sqrt((1.0 - a[t]) / a[t]) for t in ts]
     y = x / sq[0]
+    del x  # only y from here on (it has x's batch and device)
     for i in range(steps):
-        d = (y - denoise(y * sq[i], _t(x, ts[i]))) / sig[i]
+        d = (y - denoise(y * sq[i], _t(y, ts[i]))) / sig[i]
         y_next = y + (sig[i + 1] - sig[i]) * d
         if i + 1 < steps:
-            d2 = (y_next - denoise(y_next * sq[i + 1], _t(x, ts[i + 1]))) / sig[i + 1]
+            d2 = (y_next - denoise(y_next * sq[i + 1], _t(y, ts[i + 1]))) / sig[i + 1]
             y_next = y + (sig[i + 1] - sig[i]) * 0.5 * (d + d2)
+            del d2
         y = y_next
+        del d, y_next  # only y is alive across the next interval's evaluations
         yield y * sq[i + 1]
 
 
@@ -144,12 +148,20 @@ def sample_loop(diffusion, sampler: str, model_fn: NetworkFn,
     solver step (the last is the sample).  ``eta``/``generator`` are DDIM's (stochastic DDIM);
     DPM-Solver++ and Heun are deterministic and refuse eta != 0."""
     check_sampler(sampler)
+    # The loops hold the initial noise only until their first step replaces it (``del noise``),
+    # and x0 estimates only as long as a step needs them: on the device, the sampler's state
+    # across a network evaluation is x (DPM-Solver++ also keeps the previous x0).
     if sampler == "ddim":
-        for _, x, _ in diffusion.ddim_loop(model_fn, tuple(noise.shape), steps, eta=eta, generator=generator,
-                                           device=noise.device, dtype=noise.dtype, noise=noise):
+        ddim = diffusion.ddim_loop(model_fn, tuple(noise.shape), steps, eta=eta, generator=generator,
+                                   device=noise.device, dtype=noise.dtype, noise=noise)
+        del noise
+        for _, x, x0 in ddim:
+            del x0
             yield x
         return
     if eta != 0:
         raise ValueError(f"eta = {eta} needs the ddim sampler; {sampler} is deterministic")
-    loop = dpmpp2m_loop if sampler == "dpmpp2m" else heun_loop
-    yield from loop(denoiser(diffusion, model_fn), diffusion.alphas_cumprod_host, noise, steps)
+    loop = (dpmpp2m_loop if sampler == "dpmpp2m" else heun_loop)(denoiser(diffusion, model_fn),
+                                                                diffusion.alphas_cumprod_host, noise, steps)
+    del noise
+    yield from loop

@@ -169,8 +169,11 @@ class Diffusion:
         """
         ts = self.ddim_timesteps(steps)
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        del noise  # held as x only, so the first step frees it (when the caller holds none)
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
             out = model_fn(x, torch.full((shape[0],), t, dtype=torch.long, device=x.device))
             x, x0 = self.ddim_step(x, t, t_prev, out.to(x.dtype), eta=eta, generator=generator)
+            del out
             yield t, x, x0
+            del x0  # not alive on the device during the next network evaluation

@@ -174,28 +174,34 @@ def sample_batches(
     param = next(model.parameters())
     device = param.device
     factor = get_method(method).decimation  # HalfRes samples the decimated volume, then upsamples
-    padded, pad_spec = pad_to_multiple(image.to(device), get_method(method).size_multiple(size_multiple_of(model)))
-    del image  # the caller's; on the device only its copy, which padding consumed
-    cond = condition(padded, method)[None]
+    edge = max(network_grid(image.shape[-3:], model, method))
+    ctx = autocast
+    cond_dtype = torch.float32
+    if autocast is None and plan is not None:
+        precision = resolve_precision(plan.precision, device)
+        # Hold the conditioning in the compute dtype, as the planner's simulation does: under
+        # autocast the first convolution casts its input to that dtype anyway (bit-identical).
+        ctx, cond_dtype = precision.autocast(), precision.dtype
     channels = mask_channels_of(model)
-    grid = (1, channels, *cond.shape[-3:])
     generator = torch.Generator(device=device).manual_seed(seed)
-
     was_training = model.training
-    model.eval()
     chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
-    running = executing(model, plan.policy) if plan is not None else contextlib.nullcontext()
     try:
+        # On the device from here on only what the steps need: the conditioning in the dtype the
+        # network reads it in, and the current x; the padded image, the fp32 conditioning, the
+        # queued initial noise and the previous step's x0 and output are dropped as soon as
+        # they are used (the memory simulator counts exactly this).
+        padded, pad_spec = pad_to_multiple(image.to(device), get_method(method).size_multiple(size_multiple_of(model)))
+        del image  # the caller's; on the device only its copy, which padding consumed
+        cond = condition(padded, method)[None]
+        del padded
+        cond = cond.to(cond_dtype)
+        grid = (1, channels, *cond.shape[-3:])
+        model.eval()
+        running = executing(model, plan.policy) if plan is not None else contextlib.nullcontext()
         with running:
-            ctx, net_cond = autocast, cond
-            if autocast is None and plan is not None:
-                precision = resolve_precision(plan.precision, device)
-                # Hold the conditioning in the compute dtype, as the planner's simulation does: under
-                # autocast the first convolution casts its input to that dtype anyway (bit-identical).
-                ctx, net_cond = precision.autocast(), cond.to(precision.dtype)
-
             def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return network_eval(model, dict(cond=net_cond, x_t=x_t, t=t), autocast=ctx)
+                return network_eval(model, dict(cond=cond, x_t=x_t, t=t), autocast=ctx)
 
             batch = member_batch_for(len(chosen), eta=eta, sampler=sampler, device=device, requested=member_batch,
                                      plan=plan)
@@ -205,16 +211,17 @@ def sample_batches(
             queue: List[Tuple[int, torch.Tensor]] = []
 
             def run_queue() -> SampleBatch:
+                done = [m for m, _ in queue]
+                loop = sample_loop(diffusion, sampler, eps_model, torch.cat([n for _, n in queue]), steps, eta=eta,
+                                   generator=generator)
+                queue.clear()  # the loop holds its copy of the noise until the first step replaces it
                 x = None
-                for i, x in enumerate(sample_loop(diffusion, sampler, eps_model, torch.cat([n for _, n in queue]),
-                                                  steps, eta=eta, generator=generator)):
+                for i, x in enumerate(loop):
                     if bar is not None:
-                        bar.update(len(queue) * (2 if sampler == "heun" and i + 1 < steps else 1))
+                        bar.update(len(done) * (2 if sampler == "heun" and i + 1 < steps else 1))
                 finite = torch.isfinite(x).all()
                 if factor > 1:
                     x = F.interpolate(x, scale_factor=factor, mode="nearest")
-                done = [m for m, _ in queue]
-                queue.clear()
                 return done, finite, unpad(x, pad_spec)
 
             for member in range(ensemble):
@@ -225,10 +232,12 @@ def sample_batches(
                         for _ in sample_loop(diffusion, sampler, lambda x_t, t: torch.zeros_like(x_t), noise, steps,
                                              eta=eta, generator=generator):
                             pass
+                    del noise
                     continue
                 if bar is not None:
                     bar.set_postfix(sample=f"{member + 1}/{ensemble}")
                 queue.append((member, noise))
+                del noise  # the queue holds it until its batch starts
                 if stochastic or len(queue) == batch:
                     yield run_queue()
             if queue:
@@ -236,7 +245,7 @@ def sample_batches(
     except torch.cuda.OutOfMemoryError as exc:
         if isinstance(exc, SamplingOutOfMemoryError):
             raise
-        raise SamplingOutOfMemoryError(str(exc), method, max(cond.shape[-3:])) from exc
+        raise SamplingOutOfMemoryError(str(exc), method, edge) from exc
     finally:
         model.train(was_training)
 
