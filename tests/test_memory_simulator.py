@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from patchddm_fast.analysis import simulate
+from patchddm_fast.analysis import CUDA_CONTEXT_BYTES, simulate
 from patchddm_fast.analysis.tracker import MemoryTracker
 
 TINY = dict(base_width=8, channel_mult=(1, 2, 2), groups=4)
@@ -122,6 +122,67 @@ def test_memory_cli_json(capsys):
     assert run_command("memory", ["--method", "halfres", "--mode", "sample", "--size", "64", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["method"] == "halfres" and d["size"] == 64 and d["peak_allocated_bytes"] > d["breakdown"]["weights"]
+    # the targets' name for the process peak: allocator reserved peak + the CUDA context
+    assert d["process_peak_bytes"] == d["peak_reserved_bytes"] + d["cuda_context_bytes"] == d["peak_process_bytes"]
+    assert d["cuda_context_bytes"] == CUDA_CONTEXT_BYTES
+
+
+def _bare_network_eval_peak(recipe, size):
+    """Live-tensor peak of one bare network evaluation (the old sample mode): weights, the
+    conditioning in the recipe's dtype and x_t registered, then ``network_eval`` tracked."""
+    from patchddm_fast.diffusion import steps as workload
+    from patchddm_fast.model.execution.policy import ExecutionPolicy
+    from patchddm_fast.model.execution.precision import NoScaler, Precision
+    from patchddm_fast.model.unet import UNet3D
+
+    settings = simulate_module().recipe_settings(recipe, "sample")
+    precision = Precision(settings.precision, torch.device("cpu"), NoScaler())
+    with FakeTensorMode(allow_non_fake_inputs=True), simulate_module().mkldnn_disabled():
+        model = UNet3D.from_method("patchddm", **TINY).apply_policy(ExecutionPolicy(ops=settings.ops)).eval()
+        tracker = MemoryTracker()
+        tracker.register(model.parameters(), "weights")
+        inputs = workload.eval_inputs(8, size, 1, cond_dtype=precision.dtype)
+        tracker.register(inputs.values(), "inputs")
+        with tracker:
+            workload.network_eval(model, inputs, autocast=precision.autocast("cpu"))
+    return tracker.peak
+
+
+def simulate_module():
+    import importlib
+
+    return importlib.import_module("patchddm_fast.analysis.simulate")
+
+
+@pytest.mark.parametrize("recipe,cond_bytes", [("engine", 2), ("paper", 4)])
+def test_sample_mode_runs_the_real_sampler_and_counts_its_tensors(recipe, cond_bytes):
+    """Sample mode runs segment_volume's device side.  At the network's peak the sampler holds,
+    besides the weights and the network's own tensors, exactly: the conditioning (7 channels
+    in the compute dtype: bf16 for the engine, fp32 for the paper), x (1 channel fp32), the
+    network input (8 channels, the conditioning's dtype) and t (one int64) -- the padded
+    image, the fp32 conditioning, the initial noise and the previous step's x0 and output are
+    gone, so the whole sampler peaks exactly where one bare network evaluation does."""
+    size = 32
+    voxels = size ** 3
+    r = simulate("patchddm", "sample", size=size, recipe=recipe, model_kwargs=TINY)
+    closed_form = 7 * voxels * cond_bytes + voxels * 4 + 8 * voxels * cond_bytes + 8
+    assert r.breakdown["sampler_state"] == closed_form
+    assert sum(r.breakdown.values()) == r.peak_allocated_bytes
+    assert r.peak_allocated_bytes == _bare_network_eval_peak(recipe, size)
+    assert r.peak_process_bytes == r.peak_reserved_bytes + r.cuda_context_bytes
+    assert r.to_dict()["process_peak_bytes"] == r.peak_process_bytes
+
+
+def test_sample_mode_counts_the_samplers_conditioning_build():
+    """HalfRes feeds the sampler an image of twice the network's edge.  With a tiny network the
+    peak is the sampler's own work, which a bare network evaluation never sees: the padded
+    image and scale_image's two full-resolution fp32 temporaries (2x, then - 1) before
+    decimation -- 3 x 4 channels x 64^3 x 4 bytes besides the weights (the device copy of the
+    image is already freed by then)."""
+    r = simulate("halfres", "sample", size=32, model_kwargs=TINY)
+    assert r.peak_where == "sampler_state"
+    assert r.breakdown["sampler_state"] == 3 * 4 * 64 ** 3 * 4
+    assert r.peak_allocated_bytes == r.breakdown["weights"] + 3 * 4 * 64 ** 3 * 4
 
 
 def test_profile_without_gpu_exits_with_message(capsys):

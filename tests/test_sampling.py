@@ -31,6 +31,34 @@ def test_any_volume_size_comes_back_on_its_own_grid_with_ensemble_statistics(met
     assert torch.equal(again.mean, res.mean)  # the ensemble is a function of the seed
 
 
+@pytest.mark.parametrize("method,in_channels", [("patchddm", 8), ("fullres", 5)])
+def test_padded_fp32_sampling_equals_the_plain_member_loop(method, in_channels):
+    """segment_volume (device side in sample_batches, frees and all) gives, in fp32 on the CPU,
+    bit for bit what a plain loop gives: pad, condition, one seeded generator drawing each
+    member's noise, DDIM through the network, crop."""
+    from patchddm_fast.data.patches import pad_to_multiple, unpad
+    from patchddm_fast.model.conditioning import condition, network_input
+
+    torch.manual_seed(0)
+    model = UNet3D(in_channels=in_channels, **TINY).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    diffusion, image = Diffusion(), torch.rand(4, 10, 7, 5, generator=torch.Generator().manual_seed(1))
+    padded, spec = pad_to_multiple(image, model.size_multiple)
+    cond = condition(padded, method)[None]
+    gen = torch.Generator().manual_seed(9)
+    reference = []
+    with torch.no_grad():
+        for _ in range(3):
+            noise = torch.randn((1, 1, *cond.shape[-3:]), generator=gen)
+            *_, (_, x, _) = diffusion.ddim_loop(lambda x, t: model(network_input(cond, x), t).float(), noise.shape, 3,
+                                               generator=gen, noise=noise)
+            reference.append(unpad(x[0, 0], spec))
+    res = segment_volume(model, diffusion, image, method=method, ensemble=3, steps=3, seed=9, progress=False,
+                         keep_samples=True)
+    assert torch.equal(res.samples, torch.stack(reference))
+
+
 def test_summary_always_has_dice_and_hd95_and_never_nan():
     records = [dict(case="a", dice=0.0, hd95=None, dice_single_sample=0.0),
                dict(case="b", dice=0.5, hd95=None, dice_single_sample=0.25)]

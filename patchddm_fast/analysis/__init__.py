@@ -3,11 +3,12 @@
 Owns the memory tracker, the caching-allocator model, the simulator, the planner, the
 profiler, the scaling model and the memory report:
 
-* :func:`simulate` -- run the real train step / network evaluation
-  (:mod:`patchddm_fast.diffusion.steps`) on fake tensors and report live-tensor,
-  allocator-level and process-level peaks with a breakdown (:class:`MemoryReport`);
+* :func:`simulate` -- run the real train step (:mod:`patchddm_fast.diffusion.steps`) or
+  the real sampler (:func:`patchddm_fast.sampling.segment.sample_batches`) on fake tensors
+  and report live-tensor, allocator-level and process-level peaks with a breakdown (:class:`MemoryReport`);
   :mod:`.tracker` and :mod:`.allocator` are its two halves.
 * :func:`plan` -- the fastest settings that fit a GPU (:class:`Plan`);
+  :func:`~.planner.required_process_bytes` -- the smallest budget a simulated run fits;
   :func:`~.planner.plan_training` / :func:`~.planner.plan_sampling` turn a budget into the
   :class:`~patchddm_fast.model.execution.policy.ExecutionPlan` the trainer and the sampler
   receive; :func:`oom_advice` turns an out-of-memory error into the plan's suggestion.

@@ -1,12 +1,13 @@
 """Pick the fastest settings that fit a GPU: checkpointing, offload, precision, patch size.
 
 ``plan("8GB", method="patchddm", mode="train")`` walks candidate settings from the
-cheapest to the most memory-frugal, simulates each (:func:`.simulate.simulate`, steady-state
-step) and returns the first whose allocator-level footprint fits: the recorded allocation
-sequence is replayed through the caching-allocator model with the budget minus the CUDA
-context as its capacity (so fragmentation and cached segments count, and cached segments
-are released under pressure as the real allocator does), keeping ``headroom`` of the budget
-free for what no tensor count sees (cuDNN/cuBLAS workspaces).
+cheapest to the most memory-frugal, simulates each (:func:`.simulate.simulate`: the
+steady-state training step, or the whole sampler for ``mode="sample"``) and returns the
+first whose allocator-level footprint fits: the recorded allocation sequence is replayed
+through the caching-allocator model with the budget minus the CUDA context as its capacity
+(so fragmentation and cached segments count, and cached segments are released under
+pressure as the real allocator does), keeping ``headroom`` of the budget free for what no
+tensor count sees (cuDNN/cuBLAS workspaces).
 
 Ordering (an a-priori cost model; each plan reports the simulated recompute cost):
 training: no checkpointing < selective (recomputes GroupNorm-SiLU only) < block (+~14%
@@ -121,6 +122,23 @@ def fits_budget(report: MemoryReport, gpu_memory: int, headroom: float = DEFAULT
     return True, stats.peak_reserved + report.cuda_context_bytes
 
 
+def required_process_bytes(report: MemoryReport, resolution: int = allocator.MiB) -> int:
+    """The smallest process budget (allocator capacity + CUDA context, no headroom) whose replay
+    of ``report``'s allocations does not run out, to ``resolution``: what a card must have.
+
+    Below ``report.peak_process_bytes`` when the unbounded replay keeps cached segments that
+    the allocator would release under pressure (e.g. the sampler's conditioning temporaries);
+    never below the rounded live-tensor peak."""
+    lo, hi = report.peak_allocated_rounded_bytes - 1, report.peak_reserved_bytes  # lo fails, hi fits
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2
+        if allocator.replay(report.events, capacity=mid).oom:
+            lo = mid
+        else:
+            hi = mid
+    return hi + report.cuda_context_bytes
+
+
 def _candidates(method: str, mode: str, size: Optional[int], patch_sizes: Sequence[int]):
     if mode == "train":
         sizes = [size] if size else ([p for p in patch_sizes] if get_method(method).patches
@@ -212,9 +230,10 @@ def region_channels(method: str, target: str) -> Dict[str, int]:
 
 
 def max_sample_batch(p: Plan, model: Any, method: str, size: int, limit: int) -> int:
-    """The largest number of ensemble members (at most ``limit``) whose batched network
-    evaluation, simulated with ``p``'s settings for ``model``'s architecture, still fits
-    ``p``'s budget; 1 when even two do not (the plan itself was made for one member).
+    """The largest number of ensemble members (at most ``limit``) whose batched sampling (the
+    real sampler with that member batch), simulated with ``p``'s settings for ``model``'s
+    architecture, still fits ``p``'s budget; 1 when even two do not (the plan itself was made
+    for one member).
 
     Peak memory grows with the batch, so a binary search over [1, limit] finds it with
     about log2(limit) simulations (each cached).
@@ -263,8 +282,9 @@ def plan_training(config: TrainConfig, ddp: bool = False) -> ExecutionPlan:
 def plan_sampling(model: Any, gpu_memory: Union[str, int, float], method: str, image_shape: Sequence[int],
                   ensemble: int = 1) -> ExecutionPlan:
     """The plan for sampling an image of spatial shape ``image_shape`` with ``model`` (its own
-    architecture) within ``gpu_memory``: ops, skip offload, tiling and precision for one network
-    evaluation on the grid :func:`~patchddm_fast.sampling.segment.segment_volume` feeds it, and
+    architecture) within ``gpu_memory``: ops, skip offload, tiling and precision for the whole
+    sampler (:func:`~patchddm_fast.sampling.segment.segment_volume`'s device side simulated: its
+    conditioning, noise, x and the network evaluations on the grid it feeds the network), and
     the largest number of ensemble members (at most ``ensemble``) that fit as one batch.
     Raises ``RuntimeError`` with the planner's explanation when nothing fits."""
     size = max(network_grid(image_shape, model, method))

@@ -1,11 +1,14 @@
-"""The memory simulator: run the real training step / network evaluation on fake tensors.
+"""The memory simulator: run the real training step / the real sampler on fake tensors.
 
 ``simulate(method, mode, size, recipe, ...)`` builds the real :class:`UNet3D` under
 ``FakeTensorMode`` (CPU fake tensors: shapes, dtypes and storages without data), runs the
 real code -- ``Diffusion.training_loss`` under the precision policy's autocast, backward,
-``AdamW.step`` (twice, so the optimizer state exists), or one no-grad network evaluation as
-the sampler does it -- inside a :class:`~.tracker.MemoryTracker`, and replays the recorded
-allocations through the caching-allocator model.
+``AdamW.step`` (twice, so the optimizer state exists), or the device side of the real
+``segment_volume`` (:func:`~patchddm_fast.sampling.segment.sample_batches`: padding,
+conditioning, initial noise and :data:`SAMPLE_STEPS` DDIM steps of one ensemble member, or
+``batch`` members as one network batch, with everything the sampler keeps on the device) --
+inside a :class:`~.tracker.MemoryTracker`, and replays the recorded allocations through the
+caching-allocator model.
 
 Why fake CPU tensors: fake CUDA tensors do not survive autograd on CPU-only builds, and
 meta tensors do not see autocast.  CPU autocast treats every op of this network exactly
@@ -45,16 +48,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from patchddm_fast.analysis import allocator
 from patchddm_fast.analysis.memory_report import MemoryReport
-from patchddm_fast.analysis.tracker import (ACTIVATIONS, GRADIENTS, INPUTS, OPTIMIZER, WEIGHT_COPIES, WEIGHTS,
-                                            MemoryTracker)
+from patchddm_fast.analysis.tracker import (ACTIVATIONS, GRADIENTS, INPUTS, OPTIMIZER, SAMPLER_STATE, WEIGHT_COPIES,
+                                            WEIGHTS, MemoryTracker)
 from patchddm_fast.diffusion import steps as workload
 from patchddm_fast.diffusion.schedule import Diffusion
 from patchddm_fast.model.backend import check_backend
 from patchddm_fast.model.execution.offload import OFFLOAD_MODES, SimulatedHostStore
 from patchddm_fast.model.execution.precision import NoScaler, Precision
-from patchddm_fast.model.execution.policy import ExecutionPolicy
-from patchddm_fast.model.method import METHODS
+from patchddm_fast.model.execution.policy import ExecutionPlan, ExecutionPolicy
+from patchddm_fast.model.method import COORDINATE_CHANNELS, METHODS, get_method
 from patchddm_fast.model.unet import RECOMPUTE_MODES, UNet3D
+from patchddm_fast.sampling.segment import sample_batches
 
 MODES = ("train", "sample")
 RECIPES = ("engine", "paper")
@@ -62,6 +66,9 @@ RECIPES = ("engine", "paper")
 PAPER_SIZES = {("patchddm", "train"): 128, ("patchddm", "sample"): 256, ("fullres", "train"): 256,
                  ("fullres", "sample"): 256, ("halfres", "train"): 128, ("halfres", "sample"): 128}
 ENGINE_TRAIN_CHECKPOINT = "block"
+# DDIM steps the sample mode runs: the second network evaluation is the steady state (the
+# previous step's x, x0 and network output exist), every later one repeats it.
+SAMPLE_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -197,15 +204,17 @@ def simulate(method: str = "patchddm", mode: str = "train", size: Optional[int] 
              batch: int = 1, ops: Optional[str] = None, tiled: Optional[bool] = None,
              input_dtype: Optional[str] = None, steps: int = 2, warm_start: bool = False,
              model_kwargs: Optional[Dict[str, Any]] = None, ddp: bool = False) -> MemoryReport:
-    """Simulated device memory of one training step (``mode="train"``) or one network evaluation.
+    """Simulated device memory of one training step (``mode="train"``) or of the sampler (``"sample"``).
 
     Args:
         method: a method name (:data:`patchddm_fast.model.method.METHODS`): the paper's network with
             that method's input channels.
-        mode: "train" (forward, backward, AdamW step; ``steps`` times) or "sample" (one
-            no-grad evaluation as the DDIM sampler runs it).
-        size: edge of the cubic input (default: the paper's, e.g. 128 for PatchDDM training,
-            256 for its inference).
+        mode: "train" (forward, backward, AdamW step; ``steps`` times) or "sample" (the real
+            sampler, ``segment_volume``'s device side, for ``batch`` ensemble members as one
+            network batch: :data:`SAMPLE_STEPS` DDIM steps with the sampler's own tensors).
+        size: edge of the cubic network input (default: the paper's, e.g. 128 for PatchDDM
+            training, 256 for its inference); sampling feeds the sampler an image of this edge
+            (twice it for HalfRes, which decimates).
         recipe: "engine" or "paper" (see module docstring); the remaining arguments override
             the recipe's settings.
         steps: training steps to run; the second is the steady state (optimizer state exists).
@@ -251,6 +260,9 @@ def _run(method: str, mode: str, size: int, batch: int, recipe: str, settings: S
         notes.append("GroupNorm-SiLU in the reference code's order (GroupNorm32 then nn.SiLU in the activation dtype)")
     if settings.input_dtype == "compute" and settings.precision != "fp32":
         notes.append("the sampler holds the conditioning in the compute dtype (bit-identical under autocast)")
+    if mode == "sample":
+        notes.append(f"the real sampler (segment_volume's device side): {batch} ensemble member(s) as one network "
+                     f"batch, {SAMPLE_STEPS} DDIM steps, the sampler's own tensors in sampler_state")
     if settings.precision == "fp16" and mode == "train":
         notes.append("GradScaler modelled as the scaled loss (its other state is a few scalars)")
     with FakeTensorMode(allow_non_fake_inputs=True), mkldnn_disabled():
@@ -259,7 +271,6 @@ def _run(method: str, mode: str, size: int, batch: int, recipe: str, settings: S
             raise ValueError(f"size {size} must be a multiple of {model.size_multiple} for this network")
         cin = model.config["in_channels"]
         cmask = model.config["out_channels"]  # diffused mask channels: 1, or 3 for WT/TC/ET regions
-        in_dtype = precision.dtype if settings.input_dtype == "compute" else torch.float32
         policy = ExecutionPolicy(ops=settings.ops, recompute=settings.checkpoint, offload=settings.offload,
                                  tiled=settings.tiled)
         model.apply_policy(policy, store=SimulatedHostStore(tracker))
@@ -301,11 +312,7 @@ def _run(method: str, mode: str, size: int, batch: int, recipe: str, settings: S
                                         if p.grad is not None)
                 totals[OPTIMIZER] = sum(v.numel() * v.element_size() for v in state)
             else:
-                inputs = workload.eval_inputs(cin, size, batch, cond_dtype=in_dtype, mask_channels=cmask)
-                tracker.register(inputs.values(), INPUTS)
-                model.eval()
-                with tracker:
-                    workload.network_eval(model, inputs, autocast=precision.autocast("cpu"), phase=tracker.in_phase)
+                _sample(model, diffusion, method, size, batch, settings, precision, tracker)
         finally:
             for h in hooks:
                 h.remove()
@@ -317,19 +324,47 @@ def _run(method: str, mode: str, size: int, batch: int, recipe: str, settings: S
                         totals, time.perf_counter() - started, notes)
 
 
+def _sample(model: UNet3D, diffusion: Diffusion, method: str, size: int, batch: int, settings: Settings,
+            precision: Precision, tracker: MemoryTracker) -> None:
+    """The real sampler's device side on fake tensors: ``batch`` ensemble members as one
+    network batch, :data:`SAMPLE_STEPS` DDIM steps, on an image whose network grid is ``size``.
+
+    The image is registered as an input and handed over without a reference kept here: it
+    stands for the device copy the sampler makes of the caller's host image, which lives
+    only as long as the sampler holds it.  The plan carries the precision (the conditioning
+    then lives in the compute dtype); ``input_dtype="fp32"`` passes the autocast instead,
+    which keeps the conditioning in fp32."""
+    m = get_method(method)
+    cmask = model.config["out_channels"]
+    image_channels = model.config["in_channels"] - cmask - (COORDINATE_CHANNELS if m.coordinates else 0)
+    edge = size * m.decimation
+    image = torch.empty((image_channels, edge, edge, edge), dtype=torch.float32)
+    tracker.register([image], INPUTS, where="image (device copy)")
+    plan = ExecutionPlan(policy=model.policy, precision=settings.precision, member_batch=batch)
+    autocast = precision.autocast("cpu") if settings.input_dtype == "fp32" else None
+    batches = sample_batches(model, diffusion, image, method=method, ensemble=batch, steps=SAMPLE_STEPS, seed=0,
+                             autocast=autocast, plan=plan, member_batch=batch)
+    del image
+    with tracker, tracker.in_phase(SAMPLER_STATE), contextlib.closing(batches):
+        for _ in batches:
+            pass
+
+
 def _make_report(method, mode, size, batch, recipe, settings, steps, tracker: MemoryTracker, stats,
                  grad_sids, opt_sids, totals, elapsed, notes) -> MemoryReport:
     def category(sid: int) -> str:
         rec = tracker.records[sid]
         if rec.category in (WEIGHTS, INPUTS, WEIGHT_COPIES, GRADIENTS, OPTIMIZER):
             return rec.category
+        if rec.where.startswith(SAMPLER_STATE):
+            return SAMPLER_STATE
         if sid in grad_sids:
             return GRADIENTS
         if sid in opt_sids:
             return OPTIMIZER
         return ACTIVATIONS
 
-    order = [WEIGHTS, GRADIENTS, OPTIMIZER, INPUTS, WEIGHT_COPIES, ACTIVATIONS]
+    order = [WEIGHTS, GRADIENTS, OPTIMIZER, INPUTS, SAMPLER_STATE, WEIGHT_COPIES, ACTIVATIONS]
     breakdown = {k: 0 for k in order}
     groups: Dict[str, int] = {}
     for sid in tracker.live_at_peak():

@@ -40,6 +40,9 @@ _HOST_CONSTANTS = (aten.lift_fresh.default, aten.lift_fresh_copy.default)
 # Categories a storage can be given when it is registered or created.
 WEIGHTS, GRADIENTS, OPTIMIZER, INPUTS, WEIGHT_COPIES, ACTIVATIONS = (
     "weights", "gradients", "optimizer_state", "inputs", "weight_copies", "activations")
+# What the sampler allocates outside the network (conditioning, noise, x, x0, the network
+# input): storages created in the phase of this name.
+SAMPLER_STATE = "sampler_state"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``patchddm memory``: simulated GPU memory of a training step or a network evaluation."""
+"""``patchddm memory``: simulated GPU memory of a training step or of the sampler."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,8 @@ def add_memory_flags(p: argparse.ArgumentParser, recipe: bool = True) -> None:
     p.add_argument("--method", default="patchddm", choices=simulated_methods(),
                    help="the method: the paper's network and its input channels")
     p.add_argument("--mode", default="train", choices=MODES,
-                   help="train: forward, backward and AdamW step; sample: one no-grad network evaluation")
+                   help="train: forward, backward and AdamW step; sample: the real sampler (segment_volume) for one "
+                        "ensemble member (--batch members as one network batch), its own device tensors included")
     p.add_argument("--size", type=int, default=None,
                    help="edge of the cubic input in voxels (default: 128 for PatchDDM/HalfRes training and "
                         "HalfRes sampling, 256 otherwise); a multiple of 64")
@@ -50,9 +51,10 @@ def add_memory_flags(p: argparse.ArgumentParser, recipe: bool = True) -> None:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "memory", help="simulate the GPU memory of training or sampling (no GPU needed)",
-        description="Run the real training step (twice, so optimizer state exists) or one network "
-        "evaluation on fake tensors, track every allocation and report the live-tensor peak, the caching "
-        "allocator's reserved peak plus the CUDA context, and where the bytes go.",
+        description="Run the real training step (twice, so optimizer state exists) or the real sampler "
+        "(segment_volume's device side: conditioning, noise, two DDIM steps) on fake tensors, track every "
+        "allocation and report the live-tensor peak, the caching allocator's reserved peak plus the CUDA "
+        "context (process_peak_bytes in --json), and where the bytes go.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_memory_flags(p)

@@ -21,7 +21,7 @@ Network evaluations (NFE) per sample, for ``steps`` solver steps (:func:`nfe`):
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -74,11 +74,23 @@ def denoiser(diffusion, model_fn: NetworkFn) -> Denoiser:
     return denoise
 
 
+Schedule = Union[torch.Tensor, Sequence[float]]
+
+
+def _host_schedule(alphas_cumprod: Schedule) -> List[float]:
+    """alpha_bar as Python floats (float64): the solvers' coefficients are host scalars.  The
+    sampler passes :attr:`Diffusion.alphas_cumprod_host`, so no tensor value is read while it
+    runs (the memory simulator runs it on fake tensors)."""
+    if isinstance(alphas_cumprod, torch.Tensor):
+        return alphas_cumprod.double().tolist()
+    return [float(v) for v in alphas_cumprod]
+
+
 def _t(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def dpmpp2m_loop(denoise: Denoiser, alphas_cumprod: torch.Tensor, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+def dpmpp2m_loop(denoise: Denoiser, alphas_cumprod: Schedule, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: data prediction, multistep, in
     lambda = log(alpha / sigma)); yields x after each of the ``steps`` evaluations.
 
@@ -86,9 +98,9 @@ def dpmpp2m_loop(denoise: Denoiser, alphas_cumprod: torch.Tensor, x: torch.Tenso
     estimates linearly in lambda with ratio r = h_prev / h.  Coefficients in float64.
     """
     ts = solver_timesteps(len(alphas_cumprod), steps)
-    a = alphas_cumprod.double()
-    alpha = [math.sqrt(float(a[t])) for t in ts]
-    sigma = [math.sqrt(1.0 - float(a[t])) for t in ts]
+    a = _host_schedule(alphas_cumprod)
+    alpha = [math.sqrt(a[t]) for t in ts]
+    sigma = [math.sqrt(1.0 - a[t]) for t in ts]
     lam = [math.log(al / si) for al, si in zip(alpha, sigma)]
     prev_x0: Optional[torch.Tensor] = None
     h_prev = 0.0
@@ -102,26 +114,30 @@ def dpmpp2m_loop(denoise: Denoiser, alphas_cumprod: torch.Tensor, x: torch.Tenso
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
         x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
         prev_x0, h_prev = x0, h
+        del x0, d  # prev_x0 is the one copy kept across the next evaluation
         yield x
 
 
-def heun_loop(denoise: Denoiser, alphas_cumprod: torch.Tensor, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+def heun_loop(denoise: Denoiser, alphas_cumprod: Schedule, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
     """Deterministic Heun (Karras et al. 2022, Algorithm 1 with S_churn = 0) on
     sigma = sqrt((1 - a) / a) and the scaled state x / sqrt(a), whose ODE is
     dx/dsigma = (x - D(x)) / sigma; second order except the last interval (Euler).
     Yields x (in the diffusion's own scaling) after each interval."""
     ts = solver_timesteps(len(alphas_cumprod), steps)
-    a = alphas_cumprod.double()
-    sq = [math.sqrt(float(a[t])) for t in ts]
-    sig = [math.sqrt((1.0 - float(a[t])) / float(a[t])) for t in ts]
+    a = _host_schedule(alphas_cumprod)
+    sq = [math.sqrt(a[t]) for t in ts]
+    sig = [math.sqrt((1.0 - a[t]) / a[t]) for t in ts]
     y = x / sq[0]
+    del x  # only y from here on (it has x's batch and device)
     for i in range(steps):
-        d = (y - denoise(y * sq[i], _t(x, ts[i]))) / sig[i]
+        d = (y - denoise(y * sq[i], _t(y, ts[i]))) / sig[i]
         y_next = y + (sig[i + 1] - sig[i]) * d
         if i + 1 < steps:
-            d2 = (y_next - denoise(y_next * sq[i + 1], _t(x, ts[i + 1]))) / sig[i + 1]
+            d2 = (y_next - denoise(y_next * sq[i + 1], _t(y, ts[i + 1]))) / sig[i + 1]
             y_next = y + (sig[i + 1] - sig[i]) * 0.5 * (d + d2)
+            del d2
         y = y_next
+        del d, y_next  # only y is alive across the next interval's evaluations
         yield y * sq[i + 1]
 
 
@@ -132,12 +148,20 @@ def sample_loop(diffusion, sampler: str, model_fn: NetworkFn,
     solver step (the last is the sample).  ``eta``/``generator`` are DDIM's (stochastic DDIM);
     DPM-Solver++ and Heun are deterministic and refuse eta != 0."""
     check_sampler(sampler)
+    # The loops hold the initial noise only until their first step replaces it (``del noise``),
+    # and x0 estimates only as long as a step needs them: on the device, the sampler's state
+    # across a network evaluation is x (DPM-Solver++ also keeps the previous x0).
     if sampler == "ddim":
-        for _, x, _ in diffusion.ddim_loop(model_fn, tuple(noise.shape), steps, eta=eta, generator=generator,
-                                           device=noise.device, dtype=noise.dtype, noise=noise):
+        ddim = diffusion.ddim_loop(model_fn, tuple(noise.shape), steps, eta=eta, generator=generator,
+                                   device=noise.device, dtype=noise.dtype, noise=noise)
+        del noise
+        for _, x, x0 in ddim:
+            del x0
             yield x
         return
     if eta != 0:
         raise ValueError(f"eta = {eta} needs the ddim sampler; {sampler} is deterministic")
-    loop = dpmpp2m_loop if sampler == "dpmpp2m" else heun_loop
-    yield from loop(denoiser(diffusion, model_fn), diffusion.alphas_cumprod, noise, steps)
+    loop = (dpmpp2m_loop if sampler == "dpmpp2m" else heun_loop)(denoiser(diffusion, model_fn),
+                                                                diffusion.alphas_cumprod_host, noise, steps)
+    del noise
+    yield from loop

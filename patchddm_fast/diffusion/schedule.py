@@ -50,6 +50,10 @@ class Diffusion:
         self.clip_x0 = clip_x0
         self.betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # The same schedule as Python floats: the samplers' per-step coefficients are host
+        # scalars, read here rather than from a tensor (no device read per step, and the
+        # memory simulator runs the sampler on fake tensors, whose values cannot be read).
+        self.alphas_cumprod_host = self.alphas_cumprod.tolist()
 
     def config(self) -> dict:
         return dict(timesteps=self.timesteps, beta_start=self.beta_start, beta_end=self.beta_end, clip_x0=self.clip_x0,
@@ -139,8 +143,8 @@ class Diffusion:
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
         eps = out if (self.prediction == "eps" and not self.clip_x0) else self.eps_from_x0(x_t, tt, x0)
-        a_t = self.alphas_cumprod[t].item()
-        a_prev = self.alphas_cumprod[t_prev].item()
+        a_t = self.alphas_cumprod_host[t]
+        a_prev = self.alphas_cumprod_host[t_prev]
         sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(max(0.0, 1 - a_t / a_prev))
         x_prev = np.sqrt(a_prev) * x0 + np.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps
         if sigma > 0:
@@ -165,8 +169,11 @@ class Diffusion:
         """
         ts = self.ddim_timesteps(steps)
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        del noise  # held as x only, so the first step frees it (when the caller holds none)
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
             out = model_fn(x, torch.full((shape[0],), t, dtype=torch.long, device=x.device))
             x, x0 = self.ddim_step(x, t, t_prev, out.to(x.dtype), eta=eta, generator=generator)
+            del out
             yield t, x, x0
+            del x0  # not alive on the device during the next network evaluation

@@ -123,13 +123,131 @@ def network_grid(image_shape: Sequence[int], model: torch.nn.Module, method: str
 @contextlib.contextmanager
 def executing(model: torch.nn.Module, policy: ExecutionPolicy) -> Iterator[None]:
     """Run ``model`` with ``policy``'s ops, skip offload and tiling inside the block, restoring
-    its own policy afterwards (activation recompute is irrelevant without gradients)."""
+    its own policy afterwards (activation recompute is irrelevant without gradients).  A model
+    already running with them is left as it is (and keeps its offload store: the memory
+    simulator's, which counts host copies)."""
     old_policy = model.policy
-    model.apply_policy(dataclasses.replace(old_policy, ops=policy.ops, offload=policy.offload, tiled=policy.tiled))
+    wanted = dataclasses.replace(old_policy, ops=policy.ops, offload=policy.offload, tiled=policy.tiled)
+    if wanted == old_policy:
+        yield
+        return
+    model.apply_policy(wanted)
     try:
         yield
     finally:
         model.apply_policy(old_policy)
+
+
+# One batch of finished ensemble members, as the device side yields it: the member indices,
+# a 0-dim bool device tensor (all their values finite) and the samples (B, C, *input grid).
+SampleBatch = Tuple[List[int], torch.Tensor, torch.Tensor]
+
+
+def sample_batches(
+    model: torch.nn.Module,
+    diffusion: Diffusion,
+    image: torch.Tensor,
+    *,
+    method: str,
+    ensemble: int = 5,
+    steps: int = 20,
+    seed: int = 0,
+    eta: float = 0.0,
+    autocast: Optional[contextlib.AbstractContextManager] = None,
+    plan: Optional[ExecutionPlan] = None,
+    members: Optional[Sequence[int]] = None,
+    sampler: str = DEFAULT_SAMPLER,
+    member_batch: Optional[int] = None,
+    bar: Optional[tqdm] = None,
+) -> Iterator[SampleBatch]:
+    """The device side of :func:`segment_volume` (same arguments): pad and condition the image,
+    draw every member's noise from the seeded generator, run the sampler, and yield each batch
+    of finished members as ``(members, finite, x)``: ``finite`` a 0-dim bool device tensor
+    (every value of the batch's samples is finite), ``x`` the samples (B, C, *image grid) on
+    the device, HalfRes-upsampled, padding cropped (a view).
+
+    It reads no tensor value and copies nothing to the host, so the memory simulator runs
+    exactly this code on fake tensors (:mod:`patchddm_fast.analysis.simulate`, mode "sample");
+    :func:`segment_volume` does the host side (the finite check, the copies to the host, the
+    ensemble statistics).  ``bar``: a progress bar advanced per network evaluation.
+    """
+    param = next(model.parameters())
+    device = param.device
+    factor = get_method(method).decimation  # HalfRes samples the decimated volume, then upsamples
+    edge = max(network_grid(image.shape[-3:], model, method))
+    ctx = autocast
+    cond_dtype = torch.float32
+    if autocast is None and plan is not None:
+        precision = resolve_precision(plan.precision, device)
+        # Hold the conditioning in the compute dtype, as the planner's simulation does: under
+        # autocast the first convolution casts its input to that dtype anyway (bit-identical).
+        ctx, cond_dtype = precision.autocast(), precision.dtype
+    channels = mask_channels_of(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
+    try:
+        # On the device from here on only what the steps need: the conditioning in the dtype the
+        # network reads it in, and the current x; the padded image, the fp32 conditioning, the
+        # queued initial noise and the previous step's x0 and output are dropped as soon as
+        # they are used (the memory simulator counts exactly this).
+        padded, pad_spec = pad_to_multiple(image.to(device), get_method(method).size_multiple(size_multiple_of(model)))
+        del image  # the caller's; on the device only its copy, which padding consumed
+        cond = condition(padded, method)[None]
+        del padded
+        cond = cond.to(cond_dtype)
+        grid = (1, channels, *cond.shape[-3:])
+        model.eval()
+        running = executing(model, plan.policy) if plan is not None else contextlib.nullcontext()
+        with running:
+            def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return network_eval(model, dict(cond=cond, x_t=x_t, t=t), autocast=ctx)
+
+            batch = member_batch_for(len(chosen), eta=eta, sampler=sampler, device=device, requested=member_batch,
+                                     plan=plan)
+            # Stochastic DDIM draws step noise between a member's network calls: such members run
+            # one at a time, right after their initial noise, as the sequential sampler draws them.
+            stochastic = eta != 0 and sampler == "ddim"
+            queue: List[Tuple[int, torch.Tensor]] = []
+
+            def run_queue() -> SampleBatch:
+                done = [m for m, _ in queue]
+                loop = sample_loop(diffusion, sampler, eps_model, torch.cat([n for _, n in queue]), steps, eta=eta,
+                                   generator=generator)
+                queue.clear()  # the loop holds its copy of the noise until the first step replaces it
+                x = None
+                for i, x in enumerate(loop):
+                    if bar is not None:
+                        bar.update(len(done) * (2 if sampler == "heun" and i + 1 < steps else 1))
+                finite = torch.isfinite(x).all()
+                if factor > 1:
+                    x = F.interpolate(x, scale_factor=factor, mode="nearest")
+                return done, finite, unpad(x, pad_spec)
+
+            for member in range(ensemble):
+                # Member by member from the one generator: the draws one-at-a-time sampling makes.
+                noise = torch.randn(grid, generator=generator, device=device, dtype=torch.float32)
+                if member not in chosen:
+                    if stochastic:  # same draws, no network: keeps later members' noise
+                        for _ in sample_loop(diffusion, sampler, lambda x_t, t: torch.zeros_like(x_t), noise, steps,
+                                             eta=eta, generator=generator):
+                            pass
+                    del noise
+                    continue
+                if bar is not None:
+                    bar.set_postfix(sample=f"{member + 1}/{ensemble}")
+                queue.append((member, noise))
+                del noise  # the queue holds it until its batch starts
+                if stochastic or len(queue) == batch:
+                    yield run_queue()
+            if queue:
+                yield run_queue()
+    except torch.cuda.OutOfMemoryError as exc:
+        if isinstance(exc, SamplingOutOfMemoryError):
+            raise
+        raise SamplingOutOfMemoryError(str(exc), method, edge) from exc
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -183,6 +301,9 @@ def segment_volume(
             order exactly as one-at-a-time sampling draws it, so batching changes no noise.
         fill_holes: fill the gaps the predicted whole tumour (and tumour core) encloses
             (:func:`patchddm_fast.data.regions.tumour_mask`, which makes every mask).
+
+    The device work is :func:`sample_batches` (what the memory simulator runs); this function
+    checks each batch for non-finite values, copies the samples to the host and reduces them.
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
@@ -193,82 +314,31 @@ def segment_volume(
     check_sampler(sampler)
     if member_batch is not None and member_batch < 1:
         raise ValueError(f"member_batch must be >= 1, got {member_batch}")
-    param = next(model.parameters())
-    device = param.device
-    flush_denormals_on_cpu(device)
+    flush_denormals_on_cpu(next(model.parameters()).device)
     shape = tuple(image.shape[-3:])
-    factor = get_method(method).decimation  # HalfRes samples the decimated volume, then upsamples
-    padded, pad_spec = pad_to_multiple(image.to(device), get_method(method).size_multiple(size_multiple_of(model)))
-    cond = condition(padded, method)[None]
     channels = mask_channels_of(model)
-    grid = (1, channels, *cond.shape[-3:])
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    was_training = model.training
-    model.eval()
+    chosen = ensemble if members is None else len({int(m) for m in members})
     samples = []
-    chosen = set(range(ensemble)) if members is None else {int(m) for m in members}
-    evals = nfe(sampler, steps)
-    bar = tqdm(total=len(chosen) * evals, desc=desc or "sampling", unit="eval", disable=not progress, leave=False)
-    running = executing(model, plan.policy) if plan is not None else contextlib.nullcontext()
+    bar = tqdm(total=chosen * nfe(sampler, steps), desc=desc or "sampling", unit="eval", disable=not progress,
+               leave=False)
+    batches = sample_batches(model, diffusion, image, method=method, ensemble=ensemble, steps=steps, seed=seed, eta=eta,
+                             autocast=autocast, plan=plan, members=members, sampler=sampler,
+                             member_batch=member_batch, bar=bar)
     try:
-        with running:
-            ctx, net_cond = autocast, cond
-            if autocast is None and plan is not None:
-                precision = resolve_precision(plan.precision, device)
-                # Hold the conditioning in the compute dtype, as the planner's simulation does: under
-                # autocast the first convolution casts its input to that dtype anyway (bit-identical).
-                ctx, net_cond = precision.autocast(), cond.to(precision.dtype)
-
-            def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return network_eval(model, dict(cond=net_cond, x_t=x_t, t=t), autocast=ctx)
-
-            batch = member_batch_for(len(chosen), eta=eta, sampler=sampler, device=device, requested=member_batch,
-                                     plan=plan)
-            # Stochastic DDIM draws step noise between a member's network calls: such members run
-            # one at a time, right after their initial noise, as the sequential sampler draws them.
-            stochastic = eta != 0 and sampler == "ddim"
-            queue: List[Tuple[int, torch.Tensor]] = []
-
-            def run_queue() -> None:
-                x = None
-                for i, x in enumerate(sample_loop(diffusion, sampler, eps_model, torch.cat([n for _, n in queue]),
-                                                  steps, eta=eta, generator=generator)):
-                    bar.update(len(queue) * (2 if sampler == "heun" and i + 1 < steps else 1))
-                if not bool(torch.isfinite(x).all()):
+        with contextlib.closing(batches):  # closed at once on an error: the model's mode is restored
+            for done, finite, x in batches:
+                if not bool(finite):
                     raise NonFiniteSampleError(
-                        f"{desc or 'sampling'}: the network produced non-finite values (NaN/Inf) in ensemble member(s) "
-                        f"{[m + 1 for m, _ in queue]}; the model's weights are damaged or its training diverged")
-                if factor > 1:
-                    x = F.interpolate(x, scale_factor=factor, mode="nearest")
-                samples.extend(unpad(x[k] if channels > 1 else x[k, 0], pad_spec).cpu() for k in range(len(queue)))
-                queue.clear()
-
-            for member in range(ensemble):
-                # Member by member from the one generator: the draws one-at-a-time sampling makes.
-                noise = torch.randn(grid, generator=generator, device=device, dtype=torch.float32)
-                if member not in chosen:
-                    if stochastic:  # same draws, no network: keeps later members' noise
-                        for _ in sample_loop(diffusion, sampler, lambda x_t, t: torch.zeros_like(x_t), noise, steps,
-                                             eta=eta, generator=generator):
-                            pass
-                    continue
-                bar.set_postfix(sample=f"{member + 1}/{ensemble}")
-                queue.append((member, noise))
-                if stochastic or len(queue) == batch:
-                    run_queue()
-            if queue:
-                run_queue()
-    except torch.cuda.OutOfMemoryError as exc:
-        if isinstance(exc, SamplingOutOfMemoryError):
-            raise
-        raise SamplingOutOfMemoryError(str(exc), method, max(cond.shape[-3:])) from exc
+                        f"{desc or 'sampling'}: the network produced non-finite values (NaN/Inf) in ensemble "
+                        f"member(s) {[m + 1 for m in done]}; the model's weights are damaged or its training diverged")
+                samples.extend((x[k] if channels > 1 else x[k, 0]).cpu() for k in range(len(done)))
+                del x, finite
     finally:
         bar.close()
-        model.train(was_training)
     if not samples:  # a rank with no members of this ensemble
         empty = torch.zeros((0, *((channels,) if channels > 1 else ()), *shape))
-        return SegmentationResult(mean=empty.sum(0), var=empty.sum(0), mask=tumour_mask(empty.sum(0), threshold, fill_holes),
+        return SegmentationResult(mean=empty.sum(0), var=empty.sum(0),
+                                  mask=tumour_mask(empty.sum(0), threshold, fill_holes),
                                   samples=empty if keep_samples else None)
     stack = torch.stack(samples)
     assert tuple(stack.shape[-3:]) == shape, (stack.shape, shape)
